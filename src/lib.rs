@@ -1,1 +1,20 @@
+//! vlm-convert: Hugging Face vision-language checkpoints to MLX models.
+//!
+//! Data flows one way through modules named after the pipeline stages:
+//! [`source`] (find and validate the checkpoint) -> [`recipe`] (the architecture's mapping rules, data
+//! files in `recipes/`) -> [`plan`] (every output tensor decided before heavy work) -> [`pipeline`]
+//! (rayon: read, transform, [`quant`]ize, write through [`shard`]) -> output directory with
+//! [`config`] rewritten. [`dtype`] and [`error`] are shared leaves; [`cli`] is the command line.
+
+pub mod cli;
+pub mod config;
 pub mod dtype;
+pub mod error;
+pub mod pipeline;
+pub mod plan;
+pub mod quant;
+pub mod recipe;
+pub mod shard;
+pub mod source;
+
+pub use error::{Error, Result};

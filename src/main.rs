@@ -1,1 +1,24 @@
-fn main() {}
+//! The `vlm-convert` binary: parse flags, run, map errors to documented exit codes.
+
+use clap::Parser;
+use vlm_convert::cli::{run, Cli};
+
+fn main() {
+    // Die quietly on a closed pipe (`vlm-convert --dry-run | head`), like any Unix filter.
+    // SAFETY: resetting a signal disposition before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let err = anyhow::Error::from(e);
+            eprintln!("error: {err:#}");
+            err.downcast_ref::<vlm_convert::Error>()
+                .map(|e| e.exit_code())
+                .unwrap_or(2)
+        }
+    };
+    std::process::exit(code);
+}

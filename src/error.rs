@@ -1,0 +1,160 @@
+//! The library's error type. Every variant names the file, tensor or config key at fault and says what
+//! to do; `exit_code` maps each kind to the documented process exit code.
+
+use std::path::PathBuf;
+
+/// Process exit codes (documented in `--help`).
+pub mod exit {
+    /// Success.
+    pub const OK: i32 = 0;
+    /// Verification ran and failed its thresholds.
+    pub const VERIFY_FAILED: i32 = 1;
+    /// Bad command line (clap uses 2 as well).
+    pub const USAGE: i32 = 2;
+    /// The input checkpoint is missing, malformed or inconsistent.
+    pub const BAD_INPUT: i32 = 3;
+    /// The architecture or recipe is not supported, or a recipe does not cover the checkpoint.
+    pub const UNSUPPORTED: i32 = 4;
+    /// Writing the output failed (disk full, permissions, output exists).
+    pub const OUTPUT: i32 = 5;
+    /// Interrupted by SIGINT/SIGTERM; nothing was left behind.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("cannot write {path}: {source}{hint}", hint = write_hint(source))]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{0} does not exist: pass a local Hugging Face checkpoint directory (with config.json and *.safetensors)")]
+    SourceNotFound(PathBuf),
+
+    #[error("{0}: no config.json in this directory; is it a Hugging Face checkpoint?")]
+    ConfigMissing(PathBuf),
+
+    #[error("{path}: {msg}")]
+    ConfigInvalid { path: PathBuf, msg: String },
+
+    #[error("{dir}: only PyTorch pickle weights ({files}); vlm-convert never loads pickle files (they can run code). Convert them to safetensors first, or use a repo revision that has *.safetensors")]
+    PickleOnly { dir: PathBuf, files: String },
+
+    #[error("{0}: no *.safetensors weights found")]
+    NoWeights(PathBuf),
+
+    #[error("{path}: invalid safetensors file: {msg}")]
+    Safetensors { path: PathBuf, msg: String },
+
+    #[error("{path}: invalid index: {msg}")]
+    Index { path: PathBuf, msg: String },
+
+    #[error("{path}: `{entry}` points outside the model directory; refusing to read it")]
+    PathEscape { path: PathBuf, entry: String },
+
+    #[error("tensor `{tensor}` is stored twice: in {first} and in {second}")]
+    DuplicateTensor {
+        tensor: String,
+        first: PathBuf,
+        second: PathBuf,
+    },
+
+    #[error("{path}: tensor `{tensor}`: {msg}")]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        msg: String,
+    },
+
+    #[error("unsupported architecture `{model_type}` (config.json model_type); supported: {supported}. Pass --recipe FILE to describe a new one")]
+    UnknownArchitecture {
+        model_type: String,
+        supported: String,
+    },
+
+    #[error("recipe {recipe}: {msg}")]
+    Recipe { recipe: String, msg: String },
+
+    #[error("recipe {recipe} has no rule for {count} tensor(s) of this checkpoint: {list}. Nothing was converted; extend the recipe (--recipe FILE) or report the checkpoint")]
+    UnmatchedTensors {
+        recipe: String,
+        count: usize,
+        list: String,
+    },
+
+    #[error("{0}")]
+    Plan(String),
+
+    #[error("{0} already exists; pass --force to replace it, or choose another --mlx-path")]
+    OutputExists(PathBuf),
+
+    #[error("the output {output} is inside the input directory {input}; choose an --mlx-path outside it")]
+    OutputInsideInput { output: PathBuf, input: PathBuf },
+
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("quantizing `{tensor}`: {source}")]
+    Quant {
+        tensor: String,
+        #[source]
+        source: crate::quant::QuantError,
+    },
+
+    #[error("interrupted; the partial output was removed")]
+    Interrupted,
+}
+
+impl Error {
+    pub fn read(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Read {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
+        Error::Write {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The documented process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) => exit::USAGE,
+            Error::UnknownArchitecture { .. }
+            | Error::Recipe { .. }
+            | Error::UnmatchedTensors { .. } => exit::UNSUPPORTED,
+            Error::OutputExists(_) | Error::OutputInsideInput { .. } => exit::OUTPUT,
+            Error::Interrupted => exit::INTERRUPTED,
+            Error::Write { .. } => exit::OUTPUT,
+            _ => exit::BAD_INPUT,
+        }
+    }
+}
+
+fn write_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => {
+            " (the disk is full: free space or choose another --mlx-path; the partial output was removed)"
+        }
+        Some(libc::EFBIG) => " (file size limit reached; try a smaller --max-shard-size)",
+        Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+            " (no permission to write there: choose another --mlx-path)"
+        }
+        _ => "",
+    }
+}

@@ -1,0 +1,419 @@
+//! The conversion run: executes a [`Plan`] against a [`Source`] with rayon (read from the memory map,
+//! change layout, cast, quantize, write at the planned offset), and assembles the output directory in a
+//! staging directory beside the target that is renamed into place only when complete. An error or an
+//! interrupt removes the staging directory, so nothing half-written ever looks like a model.
+
+use crate::config::{output_config, to_pretty_json, write_json};
+use crate::dtype::{cast_into, DType};
+use crate::error::{Error, Result};
+use crate::plan::{Plan, TensorPlan};
+use crate::quant;
+use crate::shard::ShardWriter;
+use crate::source::Source;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Source bytes handled per work item: large tensors are split into row ranges so that memory stays
+/// bounded and both cores share one big embedding.
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// Everything besides the plan that the output needs.
+pub struct OutputSpec<'a> {
+    /// The final directory.
+    pub path: &'a Path,
+    /// Replace an existing output.
+    pub force: bool,
+    /// The config.json to write (already normalized to the Hub spelling).
+    pub config: &'a Value,
+    /// The model card's `base_model` (Hub id or local name).
+    pub base_model: &'a str,
+    /// The command line, for the model card and manifest.
+    pub command: &'a str,
+    pub quiet: bool,
+    pub cancel: Arc<AtomicBool>,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WriteStats {
+    pub bytes_read: usize,
+    pub bytes_written: usize,
+    pub files: Vec<String>,
+}
+
+/// Refuses outputs that would clobber the input or an existing directory (without `--force`).
+pub fn check_output_path(source: &Source, out: &Path, force: bool) -> Result<()> {
+    let abs = absolute(out)?;
+    if abs.starts_with(&source.canonical_dir) || abs.starts_with(&source.dir) {
+        return Err(Error::OutputInsideInput {
+            output: out.to_path_buf(),
+            input: source.dir.clone(),
+        });
+    }
+    if let Ok(meta) = out.symlink_metadata() {
+        let empty_dir = meta.is_dir()
+            && std::fs::read_dir(out)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+        if !empty_dir && !force {
+            return Err(Error::OutputExists(out.to_path_buf()));
+        }
+    }
+    Ok(())
+}
+
+/// `out` made absolute with its existing ancestors' symlinks resolved.
+fn absolute(out: &Path) -> Result<PathBuf> {
+    let cwd = std::env::current_dir().map_err(|e| Error::read(".", e))?;
+    let full = cwd.join(out);
+    let mut existing = full.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(p), Some(n)) => {
+                rest.push(n.to_os_string());
+                existing = p;
+            }
+            _ => break,
+        }
+    }
+    let mut p = existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf());
+    for n in rest.into_iter().rev() {
+        p.push(n);
+    }
+    Ok(p)
+}
+
+/// A staging directory that removes itself unless committed.
+struct Staging {
+    dir: PathBuf,
+    committed: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Writes the whole output directory for `plan`, atomically.
+pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<WriteStats> {
+    let target = spec.path;
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::write(&parent, e))?;
+    let base = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "mlx_model".into());
+    let staging_dir = parent.join(format!(".{base}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging_dir);
+    std::fs::create_dir(&staging_dir).map_err(|e| Error::write(&staging_dir, e))?;
+    let mut staging = Staging {
+        dir: staging_dir.clone(),
+        committed: false,
+    };
+
+    let bytes_written = write_shards(source, plan, &staging_dir, spec)?;
+    let mut files: Vec<String> = plan.shards.iter().map(|s| s.file_name.clone()).collect();
+
+    // Index: always written, weight_map sorted (serde_json maps are ordered).
+    let mut weight_map = serde_json::Map::new();
+    for t in &plan.tensors {
+        for o in &t.outputs {
+            weight_map.insert(o.name.clone(), plan.shards[o.shard].file_name.clone().into());
+        }
+    }
+    let index = json!({
+        "metadata": {"total_size": plan.total_size, "total_parameters": plan.total_parameters},
+        "weight_map": weight_map,
+    });
+    write_json(&staging_dir.join("model.safetensors.index.json"), &index)?;
+    files.push("model.safetensors.index.json".into());
+
+    let config = output_config(spec.config, plan.quant.as_ref());
+    write_json(&staging_dir.join("config.json"), &config)?;
+    files.push("config.json".into());
+
+    for p in &source.sidecars {
+        let name = p.file_name().expect("sidecar has a name");
+        let dest = staging_dir.join(name);
+        std::fs::copy(p, &dest).map_err(|e| Error::write(&dest, e))?;
+        files.push(name.to_string_lossy().into_owned());
+    }
+
+    let card = model_card(plan, spec);
+    let card_path = staging_dir.join("README.md");
+    std::fs::write(&card_path, card).map_err(|e| Error::write(&card_path, e))?;
+    files.push("README.md".into());
+
+    if spec.cancel.load(Ordering::SeqCst) {
+        return Err(Error::Interrupted);
+    }
+    commit(&staging_dir, target, spec.force)?;
+    staging.committed = true;
+    files.sort();
+    Ok(WriteStats {
+        bytes_read: plan.source_bytes(),
+        bytes_written,
+        files,
+    })
+}
+
+/// Moves the finished staging directory to `target`, replacing an existing one only with `force`.
+fn commit(staging: &Path, target: &Path, force: bool) -> Result<()> {
+    if target.symlink_metadata().is_ok() {
+        let is_empty_dir = target.is_dir()
+            && std::fs::read_dir(target)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+        if !is_empty_dir && !force {
+            return Err(Error::OutputExists(target.to_path_buf()));
+        }
+        // Move the old output aside first so the target is never missing a complete model for long
+        // and never holds a mix of old and new files.
+        let old = staging.with_extension("old");
+        std::fs::rename(target, &old).map_err(|e| Error::write(target, e))?;
+        std::fs::rename(staging, target).map_err(|e| Error::write(target, e))?;
+        let res = if old.is_dir() {
+            std::fs::remove_dir_all(&old)
+        } else {
+            std::fs::remove_file(&old)
+        };
+        res.map_err(|e| Error::write(&old, e))?;
+        return Ok(());
+    }
+    std::fs::rename(staging, target).map_err(|e| Error::write(target, e))
+}
+
+/// One unit of parallel work: a row range of one tensor (or the whole tensor for layout changes).
+struct Job {
+    tensor: usize,
+    rows: std::ops::Range<usize>,
+}
+
+fn jobs_for(plan: &Plan) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    for (i, t) in plan.tensors.iter().enumerate() {
+        let k = t.row_len().max(1);
+        let rows = t.numel() / k;
+        if t.layout.is_some() || rows == 0 {
+            jobs.push(Job { tensor: i, rows: 0..rows });
+            continue;
+        }
+        let row_bytes = k * t.source_dtype.size();
+        let per = (CHUNK_BYTES / row_bytes.max(1)).max(1);
+        let mut r = 0;
+        while r < rows {
+            let end = (r + per).min(rows);
+            jobs.push(Job { tensor: i, rows: r..end });
+            r = end;
+        }
+    }
+    // Biggest first: keeps both cores busy to the end.
+    jobs.sort_by_key(|j| std::cmp::Reverse((j.rows.len() * plan.tensors[j.tensor].row_len(), j.tensor)));
+    jobs
+}
+
+fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> Result<usize> {
+    let writers: Vec<ShardWriter> = plan
+        .shards
+        .iter()
+        .map(|s| ShardWriter::create(&dir.join(&s.file_name), &s.header))
+        .collect::<Result<_>>()?;
+    let total = plan.source_bytes() as u64;
+    let bar = if spec.quiet {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} converting [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    };
+    let started = Instant::now();
+    let jobs = jobs_for(plan);
+    jobs.par_iter().try_for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(cast_buf, perm_buf), job| -> Result<()> {
+            if spec.cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted);
+            }
+            let t = &plan.tensors[job.tensor];
+            let st = &source.tensors[&t.source];
+            let all = source.data(st);
+            let k = t.row_len().max(1);
+            let esize = t.source_dtype.size();
+            // Layout change first (whole tensor), so rows below are rows of the output layout.
+            let src: &[u8] = if let Some(layout) = &t.layout {
+                permute(all, &t.source_shape, &layout.perm(), esize, perm_buf);
+                perm_buf
+            } else {
+                &all[job.rows.start * k * esize..job.rows.end * k * esize]
+            };
+            let data: &[u8] = if t.dtype != t.source_dtype {
+                cast_buf.clear();
+                cast_into(src, t.source_dtype, t.dtype, cast_buf);
+                cast_buf
+            } else {
+                src
+            };
+            match t.quant {
+                None => {
+                    let o = &t.outputs[0];
+                    let off = o.offset + job.rows.start * k * t.dtype.size();
+                    writers[o.shard].write_at(off, data)?;
+                }
+                Some(q) => quantize_rows(t, job, data, q, &writers)?,
+            }
+            bar.inc((job.rows.len() * k * esize) as u64);
+            Ok(())
+        },
+    )?;
+    bar.finish_and_clear();
+    let _ = started;
+    let mut written = 0;
+    for (w, s) in writers.into_iter().zip(&plan.shards) {
+        written += s.header.file_len;
+        w.finish()?;
+    }
+    Ok(written)
+}
+
+fn quantize_rows(
+    t: &TensorPlan,
+    job: &Job,
+    data: &[u8],
+    q: quant::QuantSpec,
+    writers: &[ShardWriter],
+) -> Result<()> {
+    let k = t.row_len();
+    let rows = job.rows.len();
+    let (wn, sn, bn) = quant::quantized_sizes(rows, k, q, t.dtype);
+    let mut w = vec![0u8; wn];
+    let mut s = vec![0u8; sn];
+    let mut b = vec![0u8; bn];
+    quant::quantize(data, t.dtype, k, q, &mut w, &mut s, &mut b).map_err(|e| Error::Quant {
+        tensor: t.source.clone(),
+        source: e,
+    })?;
+    let (w1, s1, b1) = quant::quantized_sizes(1, k, q, t.dtype);
+    for (o, bytes, per_row) in [
+        (&t.outputs[0], &w, w1),
+        (&t.outputs[1], &s, s1),
+        (&t.outputs[2], &b, b1),
+    ] {
+        writers[o.shard].write_at(o.offset + job.rows.start * per_row, bytes)?;
+    }
+    Ok(())
+}
+
+/// Permutes the axes of a row-major tensor of `esize`-byte elements into `out`.
+pub fn permute(src: &[u8], shape: &[usize], perm: &[usize], esize: usize, out: &mut Vec<u8>) {
+    let n: usize = shape.iter().product();
+    out.clear();
+    out.resize(n * esize, 0);
+    let nd = shape.len();
+    let mut src_strides = vec![1usize; nd];
+    for i in (0..nd.saturating_sub(1)).rev() {
+        src_strides[i] = src_strides[i + 1] * shape[i + 1];
+    }
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let strides: Vec<usize> = perm.iter().map(|&p| src_strides[p]).collect();
+    let mut idx = vec![0usize; nd];
+    for o in 0..n {
+        let s: usize = idx.iter().zip(&strides).map(|(i, st)| i * st).sum();
+        out[o * esize..(o + 1) * esize].copy_from_slice(&src[s * esize..(s + 1) * esize]);
+        for ax in (0..nd).rev() {
+            idx[ax] += 1;
+            if idx[ax] < out_shape[ax] {
+                break;
+            }
+            idx[ax] = 0;
+        }
+    }
+}
+
+fn model_card(plan: &Plan, spec: &OutputSpec) -> String {
+    let what = match &plan.quant {
+        Some(q) => format!("quantized to {} bits (group size {}, affine)", q.bits, q.group_size),
+        None => format!(
+            "converted to {}",
+            plan.dtype.map(DType::torch_name).unwrap_or("the source dtype")
+        ),
+    };
+    format!(
+        "---\nlibrary_name: mlx\ntags:\n- mlx\n- vlm-convert\nbase_model: {base}\npipeline_tag: image-text-to-text\n---\n\n\
+# {name}\n\n\
+This model was converted to MLX format from [`{base}`](https://huggingface.co/{base}) with \
+vlm-convert {version}, {what}.\n\n\
+```bash\n{cmd}\n```\n\n\
+## Use with mlx-vlm\n\n\
+```bash\npip install -U mlx-vlm\npython -m mlx_vlm.generate --model {name} --max-tokens 100 --prompt \"Describe this image.\" --image <path or url>\n```\n",
+        base = spec.base_model,
+        name = spec
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        version = env!("CARGO_PKG_VERSION"),
+        what = what,
+        cmd = spec.command,
+    )
+}
+
+/// The JSON summary of a plan for `--dry-run --json`.
+pub fn plan_json(plan: &Plan) -> Value {
+    json!({
+        "recipe": plan.recipe,
+        "dtype": plan.dtype.map(DType::torch_name),
+        "quantization": plan.quant.as_ref().map(|q| q.to_json()),
+        "total_size": plan.total_size,
+        "total_parameters": plan.total_parameters,
+        "shards": plan.shards.iter().map(|s| json!({"file": s.file_name, "bytes": s.header.file_len, "tensors": s.tensors.len()})).collect::<Vec<_>>(),
+        "tensors": plan.tensors,
+        "dropped": plan.dropped,
+        "unquantized": plan.unquantized,
+    })
+}
+
+pub fn pretty(v: &Value) -> String {
+    String::from_utf8(to_pretty_json(v)).expect("JSON is UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permute_conv2d_oihw_to_ohwi() {
+        // O=2, I=3, H=1, W=2: element value = its linear index.
+        let shape = [2, 3, 1, 2];
+        let src: Vec<u8> = (0u8..12).collect();
+        let mut out = Vec::new();
+        permute(&src, &shape, &[0, 2, 3, 1], 1, &mut out);
+        // out[o][h][w][i] = src[o][i][h][w]
+        let mut expect = Vec::new();
+        for o in 0..2 {
+            for w in 0..2 {
+                for i in 0..3 {
+                    expect.push((o * 6 + i * 2 + w) as u8);
+                }
+            }
+        }
+        assert_eq!(out, expect);
+    }
+}

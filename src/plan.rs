@@ -1,0 +1,414 @@
+//! The plan: before any heavy work, every output tensor's source, layout change, dtype, quantization,
+//! shard and byte offset. Built from tensor descriptions only (no tensor bytes), so `--dry-run` is
+//! instant and every mapping error surfaces before the slow part.
+
+use crate::config::{ConfigView, QuantConfig};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::quant::{self, QuantSpec};
+use crate::recipe::{Action, Layout, Recipe};
+use crate::shard::{layout_shard, ShardHeader, TensorLayout};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// mlx-vlm only rebuilds a module as quantized at load time when its weight has a multiple of 64
+/// elements (`get_class_predicate`), so a module failing this must stay float to load.
+const LOADER_SIZE_MULTIPLE: usize = 64;
+
+/// A source tensor as the plan sees it.
+#[derive(Debug, Clone)]
+pub struct SourceDesc {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+/// Conversion settings that shape the plan.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    /// `--dtype`; `None` means the checkpoint's own dtype from config.json.
+    pub dtype: Option<DType>,
+    pub quant: Option<QuantSpec>,
+    pub max_shard_size: u64,
+    /// The source was written by MLX: its layouts are already MLX's, so no layout change applies.
+    pub source_is_mlx: bool,
+}
+
+/// Where one output tensor lands.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputTensor {
+    pub name: String,
+    #[serde(serialize_with = "ser_dtype")]
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub nbytes: usize,
+    pub shard: usize,
+    /// Absolute byte offset in the shard file.
+    pub offset: usize,
+}
+
+fn ser_dtype<S: serde::Serializer>(d: &DType, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(d.as_str())
+}
+
+/// One source tensor's journey: read, change layout, cast, quantize, write 1 or 3 outputs.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorPlan {
+    pub source: String,
+    #[serde(serialize_with = "ser_dtype")]
+    pub source_dtype: DType,
+    pub source_shape: Vec<usize>,
+    /// MLX name of the (first) output.
+    pub name: String,
+    #[serde(serialize_with = "ser_layout")]
+    pub layout: Option<Layout>,
+    /// Element type after the cast (for quantized tensors: the scales' type).
+    #[serde(serialize_with = "ser_dtype")]
+    pub dtype: DType,
+    #[serde(serialize_with = "ser_quant")]
+    pub quant: Option<QuantSpec>,
+    /// `[weight]`, or `[weight, scales, biases]` when quantized.
+    pub outputs: Vec<OutputTensor>,
+}
+
+fn ser_layout<S: serde::Serializer>(l: &Option<Layout>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match l {
+        Some(l) => s.serialize_str(&l.name()),
+        None => s.serialize_none(),
+    }
+}
+
+fn ser_quant<S: serde::Serializer>(q: &Option<QuantSpec>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    match q {
+        Some(q) => s.serialize_str(&format!("affine b{} g{}", q.bits, q.group_size)),
+        None => s.serialize_none(),
+    }
+}
+
+impl TensorPlan {
+    /// Elements in the last axis (after the layout change): the quantization row length.
+    pub fn row_len(&self) -> usize {
+        self.out_shape().last().copied().unwrap_or(1)
+    }
+
+    /// Shape after the layout change (before quantization packs it).
+    pub fn out_shape(&self) -> Vec<usize> {
+        match &self.layout {
+            Some(l) => l.perm().iter().map(|&i| self.source_shape[i]).collect(),
+            None => self.source_shape.clone(),
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.source_shape.iter().product()
+    }
+
+    pub fn source_bytes(&self) -> usize {
+        self.numel() * self.source_dtype.size()
+    }
+}
+
+/// An output shard: file name and header.
+pub struct ShardPlan {
+    pub file_name: String,
+    pub tensors: Vec<TensorLayout>,
+    pub header: ShardHeader,
+}
+
+/// A module that could have been quantized but stays float, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Unquantized {
+    pub module: String,
+    pub reason: String,
+}
+
+/// A source tensor left out, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Dropped {
+    pub tensor: String,
+    pub reason: String,
+}
+
+pub struct Plan {
+    pub recipe: String,
+    pub tensors: Vec<TensorPlan>,
+    pub shards: Vec<ShardPlan>,
+    pub dropped: Vec<Dropped>,
+    pub unquantized: Vec<Unquantized>,
+    pub quant: Option<QuantConfig>,
+    /// The float type floats are written in (`None`: each tensor keeps its own).
+    pub dtype: Option<DType>,
+    /// Sum of output tensor bytes.
+    pub total_size: usize,
+    /// Logical parameters (elements before quantization).
+    pub total_parameters: usize,
+}
+
+impl Plan {
+    pub fn build(
+        sources: &[SourceDesc],
+        config: &serde_json::Value,
+        recipe: &Recipe,
+        opts: &PlanOptions,
+    ) -> Result<Plan> {
+        let view = ConfigView(config);
+        let target_dtype = opts.dtype.or_else(|| view.dtype());
+
+        // 1. Names: every source tensor must meet a rule.
+        let mut unmatched = Vec::new();
+        let mut dropped = Vec::new();
+        let mut renamed: Vec<(&SourceDesc, String)> = Vec::new();
+        let mut seen: HashMap<String, &str> = HashMap::new();
+        for s in sources {
+            match recipe.map_name(&s.name) {
+                None => unmatched.push(s.name.clone()),
+                Some(Action::Drop(reason)) => dropped.push(Dropped {
+                    tensor: s.name.clone(),
+                    reason,
+                }),
+                Some(Action::Rename(to)) => {
+                    if let Some(prev) = seen.insert(to.clone(), &s.name) {
+                        return Err(Error::Recipe {
+                            recipe: recipe.origin.clone(),
+                            msg: format!(
+                                "source tensors `{prev}` and `{}` both map to `{to}`; the checkpoint mixes two layouts or the recipe is ambiguous",
+                                s.name
+                            ),
+                        });
+                    }
+                    renamed.push((s, to));
+                }
+            }
+        }
+        if !unmatched.is_empty() {
+            let count = unmatched.len();
+            let mut list: Vec<String> = unmatched.iter().take(20).map(|n| format!("`{n}`")).collect();
+            if count > 20 {
+                list.push(format!("and {} more", count - 20));
+            }
+            return Err(Error::UnmatchedTensors {
+                recipe: recipe.origin.clone(),
+                count,
+                list: list.join(", "),
+            });
+        }
+
+        // 2. The output head.
+        if let Some(h) = &recipe.head {
+            let tied = view.tie_word_embeddings(h.tie_default);
+            let has_head = renamed.iter().any(|(_, n)| *n == h.head);
+            let has_embed = renamed.iter().any(|(_, n)| *n == h.embedding);
+            if tied && h.drop_when_tied && has_head {
+                renamed.retain(|(s, n)| {
+                    if *n == h.head {
+                        dropped.push(Dropped {
+                            tensor: s.name.clone(),
+                            reason: "tie_word_embeddings is true: the MLX model reuses the embedding".into(),
+                        });
+                        false
+                    } else {
+                        true
+                    }
+                });
+            } else if !tied && !has_head && has_embed {
+                return Err(Error::Plan(format!(
+                    "config.json says tie_word_embeddings is false but the checkpoint has no output head (`{}` after renaming); the checkpoint is incomplete",
+                    h.head
+                )));
+            }
+        }
+
+        // 3. Per tensor: layout, dtype, quantization.
+        renamed.sort_by(|a, b| a.1.cmp(&b.1));
+        let mut tensors = Vec::with_capacity(renamed.len());
+        let mut unquantized = Vec::new();
+        let mut total_parameters = 0usize;
+        for (s, name) in renamed {
+            let layout = if opts.source_is_mlx {
+                None
+            } else {
+                recipe.layout_for(&name).cloned()
+            };
+            if let Some(l) = &layout {
+                if l.perm().len() != s.shape.len() {
+                    return Err(Error::Plan(format!(
+                        "tensor `{}` has shape {:?} but the recipe's {} layout change expects {} axes",
+                        s.name,
+                        s.shape,
+                        l.name(),
+                        l.perm().len()
+                    )));
+                }
+            }
+            let dtype = match target_dtype {
+                Some(t) if s.dtype.is_float() => t,
+                _ => s.dtype,
+            };
+            let mut tp = TensorPlan {
+                source: s.name.clone(),
+                source_dtype: s.dtype,
+                source_shape: s.shape.clone(),
+                name: name.clone(),
+                layout,
+                dtype,
+                quant: None,
+                outputs: Vec::new(),
+            };
+            total_parameters += tp.numel();
+            if let Some(spec) = opts.quant {
+                if let Some(module) = name.strip_suffix(".weight") {
+                    // Vectors (norms, biases) are never Linear/Embedding weights: not candidates.
+                    if recipe.quantize.allows(module) && tp.layout.is_none() && tp.source_shape.len() >= 2 {
+                        match quantizable(&tp, spec) {
+                            Ok(()) => tp.quant = Some(spec),
+                            Err(reason) => unquantized.push(Unquantized {
+                                module: module.to_string(),
+                                reason,
+                            }),
+                        }
+                    }
+                }
+            }
+            let shape = tp.out_shape();
+            tp.outputs = match tp.quant {
+                None => vec![out(&name, dtype, shape)],
+                Some(spec) => {
+                    let k = *shape.last().expect("quantized tensors have >= 2 axes");
+                    let lead = &shape[..shape.len() - 1];
+                    let module = name.strip_suffix(".weight").expect("checked above");
+                    let with_last = |last: usize| {
+                        let mut v = lead.to_vec();
+                        v.push(last);
+                        v
+                    };
+                    vec![
+                        out(&name, DType::U32, with_last(k * spec.bits as usize / 32)),
+                        out(&format!("{module}.scales"), dtype, with_last(k / spec.group_size)),
+                        out(&format!("{module}.biases"), dtype, with_last(k / spec.group_size)),
+                    ]
+                }
+            };
+            tensors.push(tp);
+        }
+
+        // 4. Shards: greedy in name order under the size cap, as mlx-vlm's make_shards does.
+        let mut all: Vec<(usize, usize)> = Vec::new(); // (tensor index, output index)
+        for (i, t) in tensors.iter().enumerate() {
+            for j in 0..t.outputs.len() {
+                all.push((i, j));
+            }
+        }
+        all.sort_by(|a, b| tensors[a.0].outputs[a.1].name.cmp(&tensors[b.0].outputs[b.1].name));
+        let mut groups: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
+        let mut cur = 0u64;
+        for &(i, j) in &all {
+            let n = tensors[i].outputs[j].nbytes as u64;
+            if cur + n > opts.max_shard_size && !groups.last().expect("non-empty").is_empty() {
+                groups.push(Vec::new());
+                cur = 0;
+            }
+            groups.last_mut().expect("non-empty").push((i, j));
+            cur += n;
+        }
+        let count = groups.len();
+        let meta = BTreeMap::from([("format".to_string(), "mlx".to_string())]);
+        let mut shards = Vec::with_capacity(count);
+        for (si, g) in groups.into_iter().enumerate() {
+            let file_name = if count == 1 {
+                "model.safetensors".to_string()
+            } else {
+                format!("model-{:05}-of-{:05}.safetensors", si + 1, count)
+            };
+            let layouts: Vec<TensorLayout> = g
+                .iter()
+                .map(|&(i, j)| {
+                    let o = &tensors[i].outputs[j];
+                    TensorLayout {
+                        name: o.name.clone(),
+                        dtype: o.dtype,
+                        shape: o.shape.clone(),
+                    }
+                })
+                .collect();
+            let header = layout_shard(&layouts, &meta);
+            for &(i, j) in &g {
+                let o = &mut tensors[i].outputs[j];
+                o.shard = si;
+                o.offset = header.offsets[&o.name];
+            }
+            shards.push(ShardPlan {
+                file_name,
+                tensors: layouts,
+                header,
+            });
+        }
+        let total_size = tensors
+            .iter()
+            .flat_map(|t| t.outputs.iter())
+            .map(|o| o.nbytes)
+            .sum();
+        let quant = opts.quant.map(|q| QuantConfig {
+            group_size: q.group_size,
+            bits: q.bits,
+            mode: "affine".into(),
+            per_module: Vec::new(),
+        });
+        Ok(Plan {
+            recipe: recipe.name.clone(),
+            tensors,
+            shards,
+            dropped,
+            unquantized,
+            quant,
+            dtype: target_dtype,
+            total_size,
+            total_parameters,
+        })
+    }
+
+    pub fn quantized_count(&self) -> usize {
+        self.tensors.iter().filter(|t| t.quant.is_some()).count()
+    }
+
+    pub fn source_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.source_bytes()).sum()
+    }
+}
+
+fn out(name: &str, dtype: DType, shape: Vec<usize>) -> OutputTensor {
+    let nbytes = shape.iter().product::<usize>() * dtype.size();
+    OutputTensor {
+        name: name.to_string(),
+        dtype,
+        shape,
+        nbytes,
+        shard: 0,
+        offset: 0,
+    }
+}
+
+/// Why a weight the policy allows cannot be quantized, if it cannot.
+fn quantizable(t: &TensorPlan, spec: QuantSpec) -> std::result::Result<(), String> {
+    let shape = t.out_shape();
+    if shape.len() < 2 {
+        return Err(format!("{}-D weight (only matrices and stacked matrices quantize)", shape.len()));
+    }
+    if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(format!("{} weights are not quantized", t.dtype));
+    }
+    let k = *shape.last().expect("len >= 2");
+    if k % spec.group_size != 0 {
+        return Err(format!(
+            "last dimension {k} is not a multiple of the group size {}",
+            spec.group_size
+        ));
+    }
+    if t.numel() % LOADER_SIZE_MULTIPLE != 0 {
+        return Err(format!(
+            "{} elements is not a multiple of {LOADER_SIZE_MULTIPLE}: mlx-vlm would load it unquantized",
+            t.numel()
+        ));
+    }
+    debug_assert_eq!(quant::quantized_sizes(1, k, spec, t.dtype).0, k * spec.bits as usize / 8);
+    Ok(())
+}
