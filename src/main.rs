@@ -8,6 +8,8 @@ fn main() {
     // SAFETY: resetting a signal disposition before any thread starts.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // A file size limit must surface as a write error (EFBIG) we can clean up after, not a kill.
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     let cli = Cli::parse();
     let code = match run(cli) {

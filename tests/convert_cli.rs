@@ -1,0 +1,461 @@
+//! The convert command as a user meets it: outputs, flags, and every error path named in the issue,
+//! run through the real binary on the committed fixtures in temporary directories.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+const FIX: &str = "qwen2_vl";
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+/// Nothing that looks like a model may be left in `parent` after a failure.
+fn assert_no_output(parent: &Path, out: &Path) {
+    assert!(!out.exists(), "{} was left behind", out.display());
+    let leftovers: Vec<String> = listing(parent)
+        .into_iter()
+        .filter(|n| n.contains(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "staging left behind: {leftovers:?}");
+}
+
+#[test]
+fn converts_and_writes_the_mlx_contract() {
+    let t = tmp();
+    let out = t.path().join("out");
+    let (code, stdout, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--q-bits", "4", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(summary["quantized"].as_u64().unwrap() > 0);
+    assert_eq!(summary["quantization"]["bits"], 4);
+    assert_eq!(summary["quantization"]["group_size"], 64);
+
+    let files = listing(&out);
+    for f in ["config.json", "model.safetensors", "model.safetensors.index.json", "README.md", "tokenizer.json"] {
+        assert!(files.contains(&f.to_string()), "{f} missing from {files:?}");
+    }
+    let cfg = read_json(&out.join("config.json"));
+    assert_eq!(cfg["quantization"], cfg["quantization_config"]);
+    assert_eq!(cfg["quantization"]["mode"], "affine");
+    assert!(cfg.get("_name_or_path").is_none());
+
+    let index = read_json(&out.join("model.safetensors.index.json"));
+    let digests = tensor_digests(&out);
+    let wm = index["weight_map"].as_object().unwrap();
+    assert_eq!(wm.len(), digests.len());
+    let keys: Vec<&String> = wm.keys().collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    assert_eq!(keys, sorted, "weight_map sorted");
+    let total: usize = digests
+        .values()
+        .map(|(d, shape, _)| {
+            let size = match d.as_str() {
+                "U32" | "F32" => 4,
+                "BF16" | "F16" => 2,
+                _ => 1,
+            };
+            shape.iter().product::<usize>() * size
+        })
+        .sum();
+    assert_eq!(index["metadata"]["total_size"].as_u64().unwrap() as usize, total);
+
+    // Quantized modules carry weight(U32)/scales/biases; mlx metadata on the file.
+    let (d, _, _) = &digests["language_model.model.layers.0.self_attn.q_proj.weight"];
+    assert_eq!(d, "U32");
+    assert!(digests.contains_key("language_model.model.layers.0.self_attn.q_proj.scales"));
+    assert!(digests.contains_key("language_model.model.layers.0.self_attn.q_proj.biases"));
+    let f = vlm_convert::shard::SafetensorsFile::open(&out.join("model.safetensors")).unwrap();
+    assert!(f.is_mlx());
+
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nlibrary_name: mlx\n"), "{card}");
+    assert!(card.contains("base_model: "));
+}
+
+#[test]
+fn dry_run_writes_nothing_and_plans_every_tensor() {
+    let t = tmp();
+    let out = t.path().join("out");
+    let (code, stdout, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "-q", "--dry-run", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!out.exists());
+    let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let tensors = plan["tensors"].as_array().unwrap();
+    assert!(!tensors.is_empty());
+    for t in tensors {
+        for o in t["outputs"].as_array().unwrap() {
+            assert!(o["nbytes"].as_u64().is_some() && o["name"].is_string());
+        }
+    }
+    let (code, table, _) = run(&["--hf-path", s(&fixture(FIX)), "-q", "--dry-run"]);
+    assert_eq!(code, 0);
+    assert!(table.contains("language_model.model.embed_tokens.weight"));
+    assert!(table.contains("conv3d"), "layout column shows the patch-embedding transpose");
+}
+
+#[test]
+fn q_bits_alone_implies_quantization_and_names_the_default_output() {
+    let t = tmp();
+    let (code, _, stderr) = bin_in(t.path(), &["--hf-path", s(&fixture(FIX)), "--q-bits", "8", "--quiet"]);
+    assert_eq!(code, 0, "{stderr}");
+    let expected = format!("{FIX}-8bit");
+    assert!(t.path().join(&expected).join("config.json").exists(), "{:?}", listing(t.path()));
+    let cfg = read_json(&t.path().join(&expected).join("config.json"));
+    assert_eq!(cfg["quantization"]["bits"], 8);
+    let (code, _, _) = bin_in(t.path(), &["--hf-path", s(&fixture(FIX)), "--quiet"]);
+    assert_eq!(code, 0);
+    assert!(listing(t.path()).iter().any(|n| n.starts_with(FIX) && n.ends_with("16")), "{:?}", listing(t.path()));
+}
+
+fn bin_in(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = bin().current_dir(dir).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn existing_output_needs_force_and_force_replaces_it() {
+    let t = tmp();
+    let out = t.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("old.txt"), "x").unwrap();
+    let (code, _, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--quiet"]);
+    assert_eq!(code, 5, "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert!(out.join("old.txt").exists(), "refusal must not touch the existing output");
+    let (code, _, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--quiet", "--force"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!out.join("old.txt").exists());
+    assert!(out.join("model.safetensors").exists());
+    assert_no_output(t.path(), &t.path().join("nothing"));
+}
+
+#[test]
+fn output_inside_input_is_refused() {
+    let t = tmp();
+    let src = t.path().join("src");
+    copy_dir(&fixture(FIX), &src);
+    let out = src.join("mlx");
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out), "--quiet"]);
+    assert_eq!(code, 5, "{stderr}");
+    assert!(stderr.contains("inside the input"), "{stderr}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn recipes_subcommand_lists_every_architecture() {
+    let (code, stdout, _) = run(&["recipes", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let names: Vec<&str> = v.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert!(names.contains(&"qwen2_vl"), "{names:?}");
+    let (code, text, _) = run(&["recipes"]);
+    assert_eq!(code, 0);
+    assert!(text.contains("qwen2_vl"));
+}
+
+#[test]
+fn unknown_architecture_fails_before_reading_weights() {
+    let t = tmp();
+    let src = t.path().join("src");
+    copy_dir(&fixture(FIX), &src);
+    let mut cfg = read_json(&src.join("config.json"));
+    cfg["model_type"] = "florence9".into();
+    std::fs::write(src.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    // Corrupt every weight file: the error must still be about the architecture.
+    for f in listing(&src) {
+        if f.ends_with(".safetensors") {
+            std::fs::write(src.join(&f), b"garbage").unwrap();
+        }
+    }
+    let out = t.path().join("out");
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("florence9") && stderr.contains("qwen2_vl"), "{stderr}");
+    assert_no_output(t.path(), &out);
+}
+
+#[test]
+fn config_errors_are_named() {
+    let t = tmp();
+    let src = t.path().join("src");
+    copy_dir(&fixture(FIX), &src);
+    let out = t.path().join("out");
+    std::fs::write(src.join("config.json"), b"{not json").unwrap();
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("config.json") && stderr.contains("not valid JSON"), "{stderr}");
+    std::fs::write(src.join("config.json"), b"{\"hidden_size\": 4}").unwrap();
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3);
+    assert!(stderr.contains("model_type"), "{stderr}");
+    std::fs::remove_file(src.join("config.json")).unwrap();
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3);
+    assert!(stderr.contains("no config.json"), "{stderr}");
+    let (code, _, stderr) = run(&["--hf-path", s(&t.path().join("missing")), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+    assert_no_output(t.path(), &out);
+}
+
+#[test]
+fn pickle_only_checkpoints_are_refused() {
+    let t = tmp();
+    let src = t.path().join("src");
+    copy_dir(&fixture(FIX), &src);
+    for f in listing(&src) {
+        if f.contains(".safetensors") {
+            std::fs::remove_file(src.join(&f)).unwrap();
+        }
+    }
+    std::fs::write(src.join("pytorch_model.bin"), b"PK\x03\x04 not really").unwrap();
+    let out = t.path().join("out");
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("pickle") && stderr.contains("pytorch_model.bin"), "{stderr}");
+    assert_no_output(t.path(), &out);
+}
+
+/// A fixture split into two shards with an index (built here from the single-file fixture).
+fn sharded_copy(dst: &Path) {
+    copy_dir(&fixture(FIX), dst);
+    let single = dst.join("model.safetensors");
+    let f = vlm_convert::shard::SafetensorsFile::open(&single).unwrap();
+    let names: Vec<String> = f.tensors.keys().cloned().collect();
+    let half = names.len() / 2;
+    let mut wm = serde_json::Map::new();
+    for (i, part) in [&names[..half], &names[half..]].iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let items: Vec<_> = part
+            .iter()
+            .map(|n| (n.clone(), f.tensors[n].clone(), f.data(&f.tensors[n]).to_vec()))
+            .collect();
+        write_safetensors(&dst.join(&file), &f.metadata, &items);
+        for n in part.iter() {
+            wm.insert(n.clone(), file.clone().into());
+        }
+    }
+    drop(f);
+    std::fs::remove_file(&single).unwrap();
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": wm});
+    std::fs::write(dst.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn sharded_input_converts_like_the_single_file() {
+    let t = tmp();
+    let src = t.path().join("src");
+    sharded_copy(&src);
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    assert_eq!(run(&["--hf-path", s(&src), "--mlx-path", s(&a), "-q", "--quiet"]).0, 0);
+    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&b), "-q", "--quiet"]).0, 0);
+    assert_eq!(tensor_digests(&a), tensor_digests(&b));
+}
+
+#[test]
+fn index_problems_are_named() {
+    let t = tmp();
+    let out = t.path().join("out");
+    // A shard listed by the index is missing.
+    let src = t.path().join("missing");
+    sharded_copy(&src);
+    std::fs::remove_file(src.join("model-00002-of-00002.safetensors")).unwrap();
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("model-00002-of-00002.safetensors") && stderr.contains("missing"), "{stderr}");
+
+    // An index entry climbing out of the directory.
+    for evil in ["../outside.safetensors", "/etc/passwd"] {
+        let src = t.path().join(format!("evil{}", evil.len()));
+        sharded_copy(&src);
+        let idx = src.join("model.safetensors.index.json");
+        let mut v = read_json(&idx);
+        let first = v["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
+        v["weight_map"][&first] = evil.into();
+        std::fs::write(&idx, serde_json::to_vec(&v).unwrap()).unwrap();
+        let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+        assert_eq!(code, 3, "{stderr}");
+        assert!(stderr.contains("outside the model directory") && stderr.contains(evil), "{stderr}");
+    }
+
+    // The same tensor in two shards.
+    let src = t.path().join("dup");
+    sharded_copy(&src);
+    let a = vlm_convert::shard::SafetensorsFile::open(&src.join("model-00001-of-00002.safetensors")).unwrap();
+    let b = vlm_convert::shard::SafetensorsFile::open(&src.join("model-00002-of-00002.safetensors")).unwrap();
+    let (n, info) = a.tensors.iter().next().map(|(n, i)| (n.clone(), i.clone())).unwrap();
+    let mut items: Vec<_> = b.tensors.iter().map(|(k, i)| (k.clone(), i.clone(), b.data(i).to_vec())).collect();
+    items.push((n.clone(), info.clone(), a.data(&info).to_vec()));
+    let meta = b.metadata.clone();
+    drop((a, b));
+    write_safetensors(&src.join("model-00002-of-00002.safetensors"), &meta, &items);
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains(n.as_str()), "{stderr}");
+    assert_no_output(t.path(), &out);
+}
+
+#[test]
+fn truncated_and_lying_shards_are_named() {
+    let t = tmp();
+    let out = t.path().join("out");
+    let src = t.path().join("src");
+    copy_dir(&fixture(FIX), &src);
+    let p = src.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("model.safetensors") && stderr.contains("truncated"), "{stderr}");
+
+    let mut lie = bytes.clone();
+    lie[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+    std::fs::write(&p, &lie).unwrap();
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("header length"), "{stderr}");
+    assert_no_output(t.path(), &out);
+}
+
+#[test]
+fn unmatched_tensors_are_listed_not_dropped() {
+    let t = tmp();
+    let src = t.path().join("src");
+    copy_dir(&fixture(FIX), &src);
+    rename_tensors(&src, |n| {
+        Some(if n.ends_with("norm.weight") && !n.contains("layers") {
+            "mystery.extra_norm.weight".to_string()
+        } else {
+            n.to_string()
+        })
+    });
+    let out = t.path().join("out");
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("mystery.extra_norm.weight"), "{stderr}");
+    assert_no_output(t.path(), &out);
+}
+
+#[test]
+fn hugging_face_cache_snapshots_work_and_foreign_symlinks_do_not() {
+    let t = tmp();
+    let repo = t.path().join("hub/models--Qwen--Tiny-VL");
+    let blobs = repo.join("blobs");
+    let snap = repo.join("snapshots/0123abc");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    for f in listing(&fixture(FIX)) {
+        let p = fixture(FIX).join(&f);
+        if p.is_file() {
+            let blob = blobs.join(format!("blob-{f}"));
+            std::fs::copy(&p, &blob).unwrap();
+            std::os::unix::fs::symlink(format!("../../blobs/blob-{f}"), snap.join(&f)).unwrap();
+        }
+    }
+    let (code, stdout, stderr) = bin_in(t.path(), &["--hf-path", s(&snap), "-q", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert!(v["output"].as_str().unwrap().ends_with("Tiny-VL-4bit"), "{v}");
+    let card = std::fs::read_to_string(t.path().join("Tiny-VL-4bit/README.md")).unwrap();
+    assert!(card.contains("base_model: Qwen/Tiny-VL"), "{card}");
+
+    // A symlink out of the checkpoint (not into the cache's blobs) is refused.
+    let src = t.path().join("src");
+    copy_dir(&fixture(FIX), &src);
+    let outside = t.path().join("secret.safetensors");
+    std::fs::rename(src.join("model.safetensors"), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, src.join("model.safetensors")).unwrap();
+    let out = t.path().join("out");
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("outside the model directory"), "{stderr}");
+}
+
+#[test]
+fn converting_an_mlx_output_again_changes_nothing() {
+    let t = tmp();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&a), "--quiet"]).0, 0);
+    let (code, _, stderr) = run(&["--hf-path", s(&a), "--mlx-path", s(&b), "--quiet"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(tensor_digests(&a), tensor_digests(&b));
+    // And quantizing the converted directory equals quantizing the original.
+    let (c, d) = (t.path().join("c"), t.path().join("d"));
+    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&c), "-q", "--quiet"]).0, 0);
+    assert_eq!(run(&["--hf-path", s(&a), "--mlx-path", s(&d), "-q", "--quiet"]).0, 0);
+    assert_eq!(tensor_digests(&c), tensor_digests(&d));
+}
+
+#[test]
+fn max_shard_size_splits_the_output() {
+    let t = tmp();
+    let out = t.path().join("out");
+    let (code, _, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--max-shard-size", "200KB", "--quiet"]);
+    assert_eq!(code, 0, "{stderr}");
+    let shards: Vec<String> = listing(&out).into_iter().filter(|f| f.ends_with(".safetensors")).collect();
+    assert!(shards.len() > 1, "{shards:?}");
+    let n = shards.len();
+    for (i, f) in shards.iter().enumerate() {
+        assert_eq!(f, &format!("model-{:05}-of-{:05}.safetensors", i + 1, n));
+    }
+    let index = read_json(&out.join("model.safetensors.index.json"));
+    for (name, file) in index["weight_map"].as_object().unwrap() {
+        let f = vlm_convert::shard::SafetensorsFile::open(&out.join(file.as_str().unwrap())).unwrap();
+        assert!(f.tensors.contains_key(name), "{name} not in {file}");
+    }
+    let single = t.path().join("single");
+    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&single), "--quiet"]).0, 0);
+    assert_eq!(tensor_digests(&out), tensor_digests(&single));
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    let t = tmp();
+    let out = t.path().join("out");
+    let fix = fixture(FIX);
+    for (args, needle) in [
+        (vec!["--q-bits", "7"], "bits"),
+        (vec!["--q-group-size", "48"], "group"),
+        (vec!["--q-mode", "nf4"], "affine"),
+    ] {
+        let mut a = vec!["--hf-path", s(&fix), "--mlx-path", s(&out)];
+        a.extend(args);
+        let (code, _, stderr) = run(&a);
+        assert_eq!(code, 2, "{stderr}");
+        assert!(stderr.to_lowercase().contains(needle), "{stderr}");
+    }
+    let (code, _, stderr) = run(&["--mlx-path", s(&out)]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--hf-path"), "{stderr}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_file_size_limit_mid_write_leaves_nothing() {
+    // RLIMIT_FSIZE makes writes fail with EFBIG like a full disk would fail with ENOSPC.
+    let t = tmp();
+    let out = t.path().join("out");
+    let status = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -f 64; exec '{}' --hf-path '{}' --mlx-path '{}' --quiet",
+            env!("CARGO_BIN_EXE_vlm-convert"),
+            s(&fixture(FIX)),
+            s(&out)
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&status.stderr);
+    assert_eq!(status.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("cannot write"), "{stderr}");
+    assert_no_output(t.path(), &out);
+    // A rerun without the limit succeeds.
+    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--quiet"]).0, 0);
+}
