@@ -1,9 +1,20 @@
-//! Embeds every `recipes/*.toml` into the binary, so adding an architecture means adding a file.
+//! Build script: embeds every `recipes/*.toml` into the binary (so adding an architecture means adding
+//! a file) and, with the `mlx` feature, builds the C++ shim over libmlx (`build_support/mlx.rs`).
+
+#[cfg(feature = "mlx")]
+#[path = "build_support/mlx.rs"]
+mod mlx;
 
 use std::fmt::Write;
 use std::path::Path;
 
 fn main() {
+    embed_recipes();
+    #[cfg(feature = "mlx")]
+    mlx::build();
+}
+
+fn embed_recipes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut names: Vec<_> = std::fs::read_dir(&dir)
