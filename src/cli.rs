@@ -118,7 +118,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         u => return Err(format!("unknown size unit `{u}` in `{s}`")),
     };
     let v = n * mult;
-    if !(v >= 1.0) {
+    if v.is_nan() || v < 1.0 {
         return Err(format!("shard size `{s}` must be at least one byte"));
     }
     Ok(v as u64)
