@@ -188,3 +188,16 @@ pub fn listing(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The layout/spelling variants committed for a fixture (fixtures/models/NAME/variants/*.json).
+pub fn variants(name: &str) -> Vec<String> {
+    let dir = fixture(name).join("variants");
+    if !dir.exists() {
+        return Vec::new();
+    }
+    listing(&dir)
+        .into_iter()
+        .filter(|f| f.ends_with(".json"))
+        .map(|f| f.trim_end_matches(".json").to_string())
+        .collect()
+}
