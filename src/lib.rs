@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "mlx")]
+pub mod mlx;
 pub mod pipeline;
 pub mod plan;
 pub mod quant;

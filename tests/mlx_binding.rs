@@ -20,6 +20,8 @@ static SERIAL: Mutex<()> = Mutex::new(());
 fn setup() -> MutexGuard<'static, ()> {
     let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     mlx::init().expect("mlx::init");
+    // The goldens are CPU results (on macOS the default device is the GPU).
+    mlx::use_cpu().expect("mlx::use_cpu");
     guard
 }
 
