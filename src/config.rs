@@ -40,14 +40,21 @@ impl<'a> ConfigView<'a> {
         }
     }
 
-    /// `tie_word_embeddings`, from the text config or the top level.
-    pub fn tie_word_embeddings(&self, default: bool) -> bool {
-        // Top level wins when both say: transformers reads the composite config's flag for the head.
-        self.0
-            .get("tie_word_embeddings")
-            .or_else(|| self.0.get("text_config").and_then(|t| t.get("tie_word_embeddings")))
-            .and_then(Value::as_bool)
-            .unwrap_or(default)
+    /// The value at a dotted key.
+    pub fn get(&self, dotted: &str) -> Option<&'a Value> {
+        let mut cur = self.0;
+        for part in dotted.split('.') {
+            cur = cur.get(part)?;
+        }
+        Some(cur)
+    }
+
+    /// Every explicit `tie_word_embeddings` (at `preferred`, the top level, the text config), in that
+    /// order of precedence.
+    pub fn tie_flags(&self, preferred: Option<&str>) -> Vec<bool> {
+        let mut keys: Vec<&str> = preferred.into_iter().collect();
+        keys.extend(["tie_word_embeddings", "text_config.tie_word_embeddings"]);
+        keys.iter().filter_map(|k| self.get(k)?.as_bool()).collect()
     }
 }
 
@@ -87,6 +94,13 @@ pub fn normalize(config: &Value, rules: &ConfigRules) -> Value {
 /// transformers 5 writes `rope_parameters` where the Hub has `rope_theta` (+ `rope_scaling`); models with
 /// per-layer-type rope (Gemma 3) nest one entry per attention type.
 fn normalize_rope(obj: &mut Map<String, Value>, rules: &ConfigRules, is_text: bool) {
+    let keep = obj
+        .get("model_type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| rules.keep_rope_parameters_for.iter().any(|k| k == t));
+    if keep {
+        return;
+    }
     let Some(Value::Object(rp)) = obj.remove("rope_parameters") else {
         return;
     };
@@ -115,10 +129,13 @@ fn normalize_rope(obj: &mut Map<String, Value>, rules: &ConfigRules, is_text: bo
     // rope) have none.
     let meaningful = is_text && (scaling.keys().any(|k| k != "rope_type") || rope_type != "default");
     if meaningful && !obj.contains_key("rope_scaling") {
+        // Hub spellings differ per model: Qwen2-VL has `type: mrope` (no rope_type), Qwen3-VL and
+        // Gemma 3 keep transformers' `rope_type`. A recipe that names a type gets the former.
         if let Some(t) = &rules.rope_scaling_type {
             scaling.insert("type".into(), Value::String(t.clone()));
-        } else if !scaling.contains_key("type") {
-            scaling.insert("type".into(), Value::String(rope_type.to_string()));
+            if rope_type == "default" {
+                scaling.remove("rope_type");
+            }
         }
         obj.insert("rope_scaling".into(), Value::Object(scaling));
     }
@@ -134,6 +151,21 @@ fn get_path_mut<'a>(v: &'a mut Value, dotted: &str) -> Option<&'a mut Value> {
         cur = cur.get_mut(part)?;
     }
     Some(cur)
+}
+
+fn set_path(v: &mut Value, dotted: &str, value: Value) {
+    let mut cur = v;
+    let parts: Vec<&str> = dotted.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let Value::Object(m) = cur else { return };
+        if i + 1 == parts.len() {
+            m.insert(part.to_string(), value);
+            return;
+        }
+        cur = m
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
 }
 
 fn set_path_if_absent(v: &mut Value, dotted: &str, value: Value) {
@@ -178,13 +210,16 @@ impl QuantConfig {
 }
 
 /// The output config.json: the normalized config without `_name_or_path` and `torch_dtype` (as mlx-vlm
-/// writes it), with `quantization` and an identical `quantization_config` when quantized.
-pub fn output_config(normalized: &Value, quant: Option<&QuantConfig>) -> Value {
+/// writes it), with the plan's resolved settings (`updates`, dotted keys) and, when quantized,
+/// `quantization` plus an identical `quantization_config`.
+pub fn output_config(normalized: &Value, updates: &[(String, Value)], quant: Option<&QuantConfig>) -> Value {
     let mut c = normalized.clone();
+    for (k, v) in updates {
+        set_path(&mut c, k, v.clone());
+    }
     if let Value::Object(m) = &mut c {
         m.remove("_name_or_path");
         m.remove("torch_dtype");
-        m.remove("dtype");
         m.remove("quantization");
         m.remove("quantization_config");
         if let Some(q) = quant {
@@ -247,7 +282,7 @@ mod tests {
         let t = &n["text_config"];
         assert_eq!(t["rope_theta"], json!(1e6));
         assert_eq!(t["rope_local_base_freq"], json!(1e4));
-        assert_eq!(t["rope_scaling"], json!({"rope_type": "linear", "factor": 8.0, "type": "linear"}));
+        assert_eq!(t["rope_scaling"], json!({"rope_type": "linear", "factor": 8.0}));
     }
 
     #[test]
@@ -259,7 +294,8 @@ mod tests {
             mode: "affine".into(),
             per_module: vec![],
         };
-        let o = output_config(&c, Some(&q));
+        let o = output_config(&c, &[("text_config.tie_word_embeddings".into(), json!(true))], Some(&q));
+        assert_eq!(o["text_config"]["tie_word_embeddings"], json!(true));
         assert_eq!(o["quantization"], json!({"group_size": 64, "bits": 4, "mode": "affine"}));
         assert_eq!(o["quantization"], o["quantization_config"]);
         assert!(o.get("_name_or_path").is_none());

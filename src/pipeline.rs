@@ -140,7 +140,7 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
     write_json(&staging_dir.join("model.safetensors.index.json"), &index)?;
     files.push("model.safetensors.index.json".into());
 
-    let config = output_config(spec.config, plan.quant.as_ref());
+    let config = output_config(spec.config, &plan.config_updates, plan.quant.as_ref());
     write_json(&staging_dir.join("config.json"), &config)?;
     files.push("config.json".into());
 

@@ -6,7 +6,7 @@ use crate::config::{ConfigView, QuantConfig};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::quant::{self, QuantSpec};
-use crate::recipe::{Action, Layout, Recipe};
+use crate::recipe::{Action, Layout, Recipe, TiedHead};
 use crate::shard::{layout_shard, ShardHeader, TensorLayout};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -142,6 +142,8 @@ pub struct Plan {
     pub total_size: usize,
     /// Logical parameters (elements before quantization).
     pub total_parameters: usize,
+    /// Settings the plan resolved that config.json must carry (dotted key, value).
+    pub config_updates: Vec<(String, serde_json::Value)>,
 }
 
 impl Plan {
@@ -193,13 +195,22 @@ impl Plan {
             });
         }
 
-        // 2. The output head.
+        // 2. The output head. The tie flag may sit in several places (and transformers 4 and 5 read
+        // different ones); a checkpoint without a head but with an explicit `true` anywhere is tied.
+        let mut config_updates = Vec::new();
         if let Some(h) = &recipe.head {
-            let tied = view.tie_word_embeddings(h.tie_default);
+            let flags = view.tie_flags(h.config_key.as_deref());
             let has_head = renamed.iter().any(|(_, n)| *n == h.head);
-            let has_embed = renamed.iter().any(|(_, n)| *n == h.embedding);
-            if tied && h.drop_when_tied && has_head {
-                renamed.retain(|(s, n)| {
+            let embed = renamed.iter().find(|(_, n)| *n == h.embedding).map(|(s, _)| *s);
+            let mut tied = flags.first().copied().unwrap_or(h.tie_default);
+            if !tied && !has_head && embed.is_some() && flags.contains(&true) {
+                tied = true;
+            }
+            if let Some(key) = &h.config_key {
+                config_updates.push((key.clone(), serde_json::Value::Bool(tied)));
+            }
+            match (tied, has_head, h.when_tied) {
+                (true, true, TiedHead::Drop) => renamed.retain(|(s, n)| {
                     if *n == h.head {
                         dropped.push(Dropped {
                             tensor: s.name.clone(),
@@ -209,12 +220,19 @@ impl Plan {
                     } else {
                         true
                     }
-                });
-            } else if !tied && !has_head && has_embed {
-                return Err(Error::Plan(format!(
-                    "config.json says tie_word_embeddings is false but the checkpoint has no output head (`{}` after renaming); the checkpoint is incomplete",
-                    h.head
-                )));
+                }),
+                (true, false, TiedHead::Copy) => {
+                    if let Some(e) = embed {
+                        renamed.push((e, h.head.clone()));
+                    }
+                }
+                (true, false, TiedHead::Keep) | (false, false, _) if embed.is_some() => {
+                    return Err(Error::Plan(format!(
+                        "the checkpoint has no output head (`{}` after renaming) and the MLX model needs one (tie_word_embeddings is {tied}); the checkpoint is incomplete",
+                        h.head
+                    )));
+                }
+                _ => {}
             }
         }
 
@@ -239,6 +257,12 @@ impl Plan {
                         l.perm().len()
                     )));
                 }
+            }
+            if matches!(s.dtype, DType::F8E4M3 | DType::F8E5M2 | DType::F64) {
+                return Err(Error::Plan(format!(
+                    "tensor `{}` is {}: FP8/F64 checkpoints are not supported yet (convert to bf16 with transformers first)",
+                    s.name, s.dtype
+                )));
             }
             let dtype = match target_dtype {
                 Some(t) if s.dtype.is_float() => t,
@@ -363,6 +387,7 @@ impl Plan {
             dtype: target_dtype,
             total_size,
             total_parameters,
+            config_updates,
         })
     }
 

@@ -76,8 +76,22 @@ pub struct HeadRule {
     pub embedding: String,
     /// `tie_word_embeddings` when config.json does not say.
     pub tie_default: bool,
-    /// When tied, the MLX model class has no head parameter: drop it if the checkpoint stores one.
-    pub drop_when_tied: bool,
+    /// What the MLX class needs when the head is tied.
+    pub when_tied: TiedHead,
+    /// Dotted config key where the MLX loader reads the tie flag (e.g. `text_config.tie_word_embeddings`);
+    /// the resolved flag is written there.
+    pub config_key: Option<String>,
+}
+
+/// The MLX model class's view of a tied head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TiedHead {
+    /// The class has no head when tied (it reuses the embedding): drop a stored head.
+    Drop,
+    /// The class always has a head: keep a stored one (none stored is an error).
+    Keep,
+    /// The class always has a head: keep a stored one, else write a copy of the embedding.
+    Copy,
 }
 
 /// Which modules may be quantized.
@@ -110,6 +124,9 @@ pub struct ConfigRules {
     /// `rope_scaling.type` to write when `rope_parameters` carries more than a theta (e.g. "mrope").
     #[serde(default)]
     pub rope_scaling_type: Option<String>,
+    /// Text model types whose MLX class reads `rope_parameters` itself (e.g. `ministral3`): keep it.
+    #[serde(default)]
+    pub keep_rope_parameters_for: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -179,6 +196,7 @@ struct HeadFile {
     #[serde(default)]
     tie_default: bool,
     when_tied: String,
+    config_key: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -256,13 +274,17 @@ impl Recipe {
                 head: h.tensor,
                 embedding: h.embedding,
                 tie_default: h.tie_default,
-                drop_when_tied: match h.when_tied.as_str() {
-                    "drop" => true,
-                    "keep" => false,
+                when_tied: match h.when_tied.as_str() {
+                    "drop" => TiedHead::Drop,
+                    "keep" => TiedHead::Keep,
+                    "copy" => TiedHead::Copy,
                     other => {
-                        return Err(err(format!("head.when_tied is `{other}`; use \"drop\" or \"keep\"")))
+                        return Err(err(format!(
+                            "head.when_tied is `{other}`; use \"drop\", \"keep\" or \"copy\""
+                        )))
                     }
                 },
+                config_key: h.config_key,
             }),
         };
         let quantize = QuantPolicy {

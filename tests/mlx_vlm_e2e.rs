@@ -6,7 +6,20 @@
 mod common;
 use common::*;
 
-fn forward_matches(name: &str, variant: Option<&str>, flags: &[&str], golden_tensor: &str) {
+/// What mlx-vlm builds from an output's config.json (tests/py/model_config.py), as JSON.
+fn mlx_model_config(dir: &std::path::Path) -> serde_json::Value {
+    let res = std::process::Command::new(python())
+        .arg(root().join("tests/py/model_config.py"))
+        .arg(dir)
+        .output()
+        .expect("python runs");
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    serde_json::from_slice(&res.stdout).unwrap()
+}
+
+/// Converts a fixture (or a variant of it), checks mlx-vlm loads it and gives exactly the logits it
+/// gives for its own conversion; returns the output's parsed model config.
+fn forward_matches(name: &str, variant: Option<&str>, flags: &[&str], golden_tensor: &str) -> serde_json::Value {
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("out");
     let src = t.path().join("src");
@@ -28,7 +41,20 @@ fn forward_matches(name: &str, variant: Option<&str>, flags: &[&str], golden_ten
         "{name} {variant:?} {flags:?}: mlx-vlm failed to load/run our output or its logits differ from mlx-vlm's own conversion\n{so}\n{se}"
     );
     assert!(so.contains("= 0.000e+00"), "{name}: {so}");
+    mlx_model_config(&out)
 }
+
+/// Config fields transformers 5 drops or nulls whose Hub value no mlx-vlm code reads (checked in
+/// mlx-vlm 0.7.10's sources): their defaults stand in, harmlessly. (fixture, field, why)
+const UNREAD: &[(&str, &str, &str)] = &[
+    ("qwen2_vl", ".text_config.sliding_window", "read only when use_sliding_window is true"),
+    ("qwen2_vl", ".vision_config.spatial_patch_size", "declared, never used (patch_size is)"),
+    ("qwen2_5_vl", ".text_config.sliding_window", "read only when use_sliding_window is true"),
+    ("qwen2_5_vl", ".vision_config.spatial_patch_size", "declared, never used (patch_size is)"),
+    ("qwen2_5_vl", ".vision_token_id", "declared, never used"),
+    ("idefics3", ".vocab_size", "the text model uses text_config.vocab_size"),
+    ("smolvlm", ".vocab_size", "the text model uses text_config.vocab_size"),
+];
 
 macro_rules! e2e {
     ($($name:ident),*) => {$(
@@ -37,10 +63,14 @@ macro_rules! e2e {
             let name = stringify!($name);
             forward_matches(name, None, &[], "logits.unquantized");
             let q4 = ["-q", "--q-bits", "4", "--q-group-size", "64"];
-            forward_matches(name, None, &q4, "logits.q4g64");
-            // Every other layout / spelling of the same checkpoint must run identically in mlx-vlm.
+            let base = forward_matches(name, None, &q4, "logits.q4g64");
+            // Every other layout / spelling of the same checkpoint must run identically in mlx-vlm,
+            // and configure the same model.
             for v in variants(name) {
-                forward_matches(name, Some(&v), &q4, "logits.q4g64");
+                let got = forward_matches(name, Some(&v), &q4, "logits.q4g64");
+                let mut diffs = json_diffs("", &base, &got);
+                diffs.retain(|d| !UNREAD.iter().any(|(f, path, _)| *f == name && d.starts_with(&format!("{path}:"))));
+                assert!(diffs.is_empty(), "{name}/{v}: mlx-vlm configures a different model:\n{}", diffs.join("\n"));
             }
         }
     )*};
@@ -59,3 +89,23 @@ e2e!(
     gemma3,
     mistral3
 );
+
+fn json_diffs(path: &str, a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            keys.into_iter()
+                .flat_map(|k| {
+                    let p = format!("{path}.{k}");
+                    json_diffs(&p, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null))
+                })
+                .collect()
+        }
+        (Value::Number(x), Value::Number(y)) if x.as_f64() == y.as_f64() => vec![],
+        _ if a == b => vec![],
+        _ => vec![format!("{path}: hub {a} vs variant {b}")],
+    }
+}
