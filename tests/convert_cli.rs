@@ -459,3 +459,59 @@ fn a_file_size_limit_mid_write_leaves_nothing() {
     // A rerun without the limit succeeds.
     assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--quiet"]).0, 0);
 }
+
+#[test]
+fn recipe_file_describes_a_new_architecture() {
+    let t = tmp();
+    let src = t.path().join("src");
+    copy_dir(&fixture(FIX), &src);
+    let mut cfg = read_json(&src.join("config.json"));
+    cfg["model_type"] = "my_new_vl".into();
+    std::fs::write(src.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let recipe = std::fs::read_to_string(root().join("recipes/qwen2_vl.toml"))
+        .unwrap()
+        .replace("name = \"qwen2_vl\"", "name = \"my_new_vl\"")
+        .replace("model_types = [\"qwen2_vl\"]", "model_types = [\"my_new_vl\"]");
+    let rfile = t.path().join("my_new_vl.toml");
+    std::fs::write(&rfile, recipe).unwrap();
+    let out = t.path().join("out");
+    let (code, stdout, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out), "--recipe", s(&rfile), "-q", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["recipe"], "my_new_vl");
+    let reference = t.path().join("ref");
+    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&reference), "-q", "--quiet"]).0, 0);
+    assert_eq!(tensor_digests(&out), tensor_digests(&reference));
+
+    // A broken recipe file is a named error.
+    std::fs::write(&rfile, "name = 3").unwrap();
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out), "--recipe", s(&rfile), "--force"]);
+    assert_eq!(code, 4, "{stderr}");
+    assert!(stderr.contains("my_new_vl.toml"), "{stderr}");
+}
+
+#[test]
+fn weights_the_group_size_does_not_divide_stay_float_and_are_reported() {
+    // The llava fixture's MLP width (288) is a multiple of 32 but not of 64.
+    let t = tmp();
+    let out = t.path().join("out");
+    let (code, stdout, stderr) = run(&["--hf-path", s(&fixture("llava")), "--mlx-path", s(&out), "-q", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let unq = v["unquantized"].as_array().unwrap();
+    assert!(
+        unq.iter().any(|u| u["module"].as_str().unwrap().ends_with("mlp.down_proj")
+            && u["reason"].as_str().unwrap().contains("288")),
+        "{unq:?}"
+    );
+    let d = tensor_digests(&out);
+    let down = d.keys().find(|k| k.ends_with("layers.0.mlp.down_proj.weight")).unwrap();
+    assert_ne!(d[down].0, "U32", "down_proj must stay float at group size 64");
+    let (code, _, stderr) = run(&["--hf-path", s(&fixture("llava")), "--mlx-path", s(&out), "-q", "--q-group-size", "64"]);
+    assert_eq!(code, 5, "{stderr}");
+    let (code, _, stderr) = run(&["--hf-path", s(&fixture("llava")), "--mlx-path", s(&out), "--force", "--q-group-size", "32"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("down_proj"), "{stderr}");
+    let d = tensor_digests(&out);
+    assert_eq!(d[down].0, "U32", "at group size 32 down_proj quantizes");
+}
