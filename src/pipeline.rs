@@ -279,7 +279,13 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
                 }
                 Some(q) => quantize_rows(t, job, data, q, &writers)?,
             }
-            bar.inc((job.rows.len() * k * esize) as u64);
+            let (start, len) = if t.layout.is_some() {
+                (0, all.len())
+            } else {
+                (job.rows.start * k * esize, job.rows.len() * k * esize)
+            };
+            source.shards[st.shard].release(&st.info, start, len);
+            bar.inc(len as u64);
             Ok(())
         },
     )?;

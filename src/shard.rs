@@ -95,6 +95,21 @@ impl SafetensorsFile {
         self.metadata.get("format").map(String::as_str) == Some("mlx")
     }
 
+    /// Drops the pages of bytes `[start, start + len)` of tensor `t` from this process's resident set
+    /// once they have been converted: they stay in the page cache, but memory use no longer grows with
+    /// the model.
+    pub fn release(&self, t: &TensorInfo, start: usize, len: usize) {
+        // SAFETY: the map is read-only and file-backed, so MADV_DONTNEED only unmaps pages; a later
+        // access (another job sharing an edge page) faults them back in from the unchanged file.
+        let _ = unsafe {
+            self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.data_start + t.begin + start,
+                len,
+            )
+        };
+    }
+
     /// Hints the kernel that `t` will be read once, front to back.
     pub fn advise_sequential(&self, t: &TensorInfo) {
         let _ = self.mmap.advise_range(
