@@ -144,7 +144,12 @@ fn list_recipes(as_json: bool) -> Result<i32> {
         println!("{}", pretty(&serde_json::Value::Array(v)));
     } else {
         for r in &all {
-            println!("{:<18} {:<40} {}", r.name, r.model_types.join(","), r.description);
+            println!(
+                "{:<18} {:<40} {}",
+                r.name,
+                r.model_types.join(","),
+                r.description
+            );
         }
     }
     Ok(exit::OK)
@@ -228,12 +233,17 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
 
     let out = match &a.mlx_path {
         Some(p) => p.clone(),
-        None => PathBuf::from(default_output_name(&source.display_name(), quant, plan.dtype)),
+        None => PathBuf::from(default_output_name(
+            &source.display_name(),
+            quant,
+            plan.dtype,
+        )),
     };
     check_output_path(&source, &out, a.force)?;
     let cancel = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&cancel)).map_err(|e| Error::read("signal handler", e))?;
+        signal_hook::flag::register(sig, Arc::clone(&cancel))
+            .map_err(|e| Error::read("signal handler", e))?;
     }
     let base_model = source.repo_id().unwrap_or_else(|| source.display_name());
     let command = command_line();
@@ -300,7 +310,9 @@ fn stats_bits_per_weight(plan: &Plan) -> f64 {
 fn command_line() -> String {
     let mut parts = vec!["vlm-convert".to_string()];
     for a in std::env::args().skip(1) {
-        if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c)) {
+        if a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c))
+        {
             parts.push(a);
         } else {
             parts.push(format!("'{}'", a.replace('\'', "'\\''")));
@@ -339,7 +351,10 @@ fn print_plan(plan: &Plan) {
                 t.quant
                     .map(|q| format!("b{}g{}", q.bits, q.group_size))
                     .unwrap_or_else(|| "-".into()),
-                t.layout.as_ref().map(|l| l.name()).unwrap_or_else(|| "-".into()),
+                t.layout
+                    .as_ref()
+                    .map(|l| l.name())
+                    .unwrap_or_else(|| "-".into()),
                 o.shard + 1,
                 o.nbytes,
                 t.source
@@ -362,7 +377,6 @@ fn print_plan(plan: &Plan) {
     );
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,7 +395,10 @@ mod tests {
     #[test]
     fn output_names_follow_mlx_community() {
         let q4 = QuantSpec::new(4, 64).unwrap();
-        assert_eq!(default_output_name("M", Some(q4), Some(DType::BF16)), "M-4bit");
+        assert_eq!(
+            default_output_name("M", Some(q4), Some(DType::BF16)),
+            "M-4bit"
+        );
         let q8 = QuantSpec::new(8, 32).unwrap();
         assert_eq!(default_output_name("M", Some(q8), None), "M-8bit-g32");
         assert_eq!(default_output_name("M", None, Some(DType::BF16)), "M-bf16");

@@ -13,7 +13,10 @@ pub struct ConfigView<'a>(pub &'a Value);
 
 impl<'a> ConfigView<'a> {
     pub fn model_type(&self) -> &str {
-        self.0.get("model_type").and_then(Value::as_str).unwrap_or("")
+        self.0
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
     }
 
     /// A text-model field: `text_config.<key>` first, then the top level.
@@ -70,6 +73,12 @@ pub fn normalize(config: &Value, rules: &ConfigRules) -> Value {
             normalize_rope(sub, rules, k == "text_config");
         }
     }
+    if rules.sliding_window_pattern_from_layer_types {
+        derive_sliding_window_pattern(top);
+        if let Some(Value::Object(text)) = top.get_mut("text_config") {
+            derive_sliding_window_pattern(text);
+        }
+    }
     if rules.flatten_text_config {
         if let Some(Value::Object(text)) = top.remove("text_config") {
             for (k, v) in text {
@@ -119,7 +128,10 @@ fn normalize_rope(obj: &mut Map<String, Value>, rules: &ConfigRules, is_text: bo
     if let Some(local) = local {
         obj.entry("rope_local_base_freq").or_insert(local);
     }
-    let rope_type = main.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+    let rope_type = main
+        .get("rope_type")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
     let mut scaling: Map<String, Value> = main
         .iter()
         .filter(|(k, _)| k.as_str() != "rope_theta")
@@ -127,7 +139,8 @@ fn normalize_rope(obj: &mut Map<String, Value>, rules: &ConfigRules, is_text: bo
         .collect();
     // Only the language model's rope has a Hub `rope_scaling`; vision towers (e.g. Qwen2-VL's axial
     // rope) have none.
-    let meaningful = is_text && (scaling.keys().any(|k| k != "rope_type") || rope_type != "default");
+    let meaningful =
+        is_text && (scaling.keys().any(|k| k != "rope_type") || rope_type != "default");
     if meaningful && !obj.contains_key("rope_scaling") {
         // Hub spellings differ per model: Qwen2-VL has `type: mrope` (no rope_type), Qwen3-VL and
         // Gemma 3 keep transformers' `rope_type`. A recipe that names a type gets the former.
@@ -138,6 +151,34 @@ fn normalize_rope(obj: &mut Map<String, Value>, rules: &ConfigRules, is_text: bo
             }
         }
         obj.insert("rope_scaling".into(), Value::Object(scaling));
+    }
+}
+
+/// transformers 5 describes Gemma-style interleaving with `layer_types`; the Hub spelling (and mlx-vlm)
+/// uses `sliding_window_pattern` = every p-th layer is global. Derived only when `layer_types` is
+/// exactly such a pattern.
+fn derive_sliding_window_pattern(obj: &mut Map<String, Value>) {
+    if obj.contains_key("sliding_window_pattern") {
+        return;
+    }
+    let Some(Value::Array(types)) = obj.get("layer_types") else {
+        return;
+    };
+    let full: Vec<bool> = types
+        .iter()
+        .map(|t| t.as_str() == Some("full_attention"))
+        .collect();
+    let Some(first) = full.iter().position(|&f| f) else {
+        return;
+    };
+    let p = first + 1;
+    if full
+        .iter()
+        .enumerate()
+        .all(|(i, &f)| f == ((i + 1) % p == 0))
+    {
+        obj.insert("sliding_window_pattern".into(), Value::from(p));
+        obj.remove("_sliding_window_pattern");
     }
 }
 
@@ -212,7 +253,11 @@ impl QuantConfig {
 /// The output config.json: the normalized config without `_name_or_path` and `torch_dtype` (as mlx-vlm
 /// writes it), with the plan's resolved settings (`updates`, dotted keys) and, when quantized,
 /// `quantization` plus an identical `quantization_config`.
-pub fn output_config(normalized: &Value, updates: &[(String, Value)], quant: Option<&QuantConfig>) -> Value {
+pub fn output_config(
+    normalized: &Value,
+    updates: &[(String, Value)],
+    quant: Option<&QuantConfig>,
+) -> Value {
     let mut c = normalized.clone();
     for (k, v) in updates {
         set_path(&mut c, k, v.clone());
@@ -282,7 +327,27 @@ mod tests {
         let t = &n["text_config"];
         assert_eq!(t["rope_theta"], json!(1e6));
         assert_eq!(t["rope_local_base_freq"], json!(1e4));
-        assert_eq!(t["rope_scaling"], json!({"rope_type": "linear", "factor": 8.0}));
+        assert_eq!(
+            t["rope_scaling"],
+            json!({"rope_type": "linear", "factor": 8.0})
+        );
+    }
+
+    #[test]
+    fn layer_types_become_a_sliding_window_pattern() {
+        let rules = ConfigRules {
+            sliding_window_pattern_from_layer_types: true,
+            ..Default::default()
+        };
+        let c = json!({"text_config": {"layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"], "_sliding_window_pattern": 6}});
+        let n = normalize(&c, &rules);
+        assert_eq!(n["text_config"]["sliding_window_pattern"], json!(2));
+        assert!(n["text_config"].get("_sliding_window_pattern").is_none());
+        // Not a regular pattern: left alone rather than guessed.
+        let c = json!({"text_config": {"layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}});
+        assert!(normalize(&c, &rules)["text_config"]
+            .get("sliding_window_pattern")
+            .is_none());
     }
 
     #[test]
@@ -294,9 +359,16 @@ mod tests {
             mode: "affine".into(),
             per_module: vec![],
         };
-        let o = output_config(&c, &[("text_config.tie_word_embeddings".into(), json!(true))], Some(&q));
+        let o = output_config(
+            &c,
+            &[("text_config.tie_word_embeddings".into(), json!(true))],
+            Some(&q),
+        );
         assert_eq!(o["text_config"]["tie_word_embeddings"], json!(true));
-        assert_eq!(o["quantization"], json!({"group_size": 64, "bits": 4, "mode": "affine"}));
+        assert_eq!(
+            o["quantization"],
+            json!({"group_size": 64, "bits": 4, "mode": "affine"})
+        );
         assert_eq!(o["quantization"], o["quantization_config"]);
         assert!(o.get("_name_or_path").is_none());
         let text = String::from_utf8(to_pretty_json(&o)).unwrap();

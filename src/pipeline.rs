@@ -6,7 +6,7 @@
 use crate::config::{output_config, to_pretty_json, write_json};
 use crate::dtype::{cast_into, DType};
 use crate::error::{Error, Result};
-use crate::plan::{Plan, TensorPlan};
+use crate::plan::{Plan, Role, TensorPlan};
 use crate::quant;
 use crate::shard::ShardWriter;
 use crate::source::Source;
@@ -82,7 +82,9 @@ fn absolute(out: &Path) -> Result<PathBuf> {
             _ => break,
         }
     }
-    let mut p = existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf());
+    let mut p = existing
+        .canonicalize()
+        .unwrap_or_else(|_| existing.to_path_buf());
     for n in rest.into_iter().rev() {
         p.push(n);
     }
@@ -130,7 +132,10 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
     let mut weight_map = serde_json::Map::new();
     for t in &plan.tensors {
         for o in &t.outputs {
-            weight_map.insert(o.name.clone(), plan.shards[o.shard].file_name.clone().into());
+            weight_map.insert(
+                o.name.clone(),
+                plan.shards[o.shard].file_name.clone().into(),
+            );
         }
     }
     let index = json!({
@@ -207,7 +212,10 @@ fn jobs_for(plan: &Plan) -> Vec<Job> {
         let k = t.row_len().max(1);
         let rows = t.numel() / k;
         if t.layout.is_some() || rows == 0 {
-            jobs.push(Job { tensor: i, rows: 0..rows });
+            jobs.push(Job {
+                tensor: i,
+                rows: 0..rows,
+            });
             continue;
         }
         let row_bytes = k * t.source_dtype.size();
@@ -215,12 +223,17 @@ fn jobs_for(plan: &Plan) -> Vec<Job> {
         let mut r = 0;
         while r < rows {
             let end = (r + per).min(rows);
-            jobs.push(Job { tensor: i, rows: r..end });
+            jobs.push(Job {
+                tensor: i,
+                rows: r..end,
+            });
             r = end;
         }
     }
     // Biggest first: keeps both cores busy to the end.
-    jobs.sort_by_key(|j| std::cmp::Reverse((j.rows.len() * plan.tensors[j.tensor].row_len(), j.tensor)));
+    jobs.sort_by_key(|j| {
+        std::cmp::Reverse((j.rows.len() * plan.tensors[j.tensor].row_len(), j.tensor))
+    });
     jobs
 }
 
@@ -317,11 +330,13 @@ fn quantize_rows(
         source: e,
     })?;
     let (w1, s1, b1) = quant::quantized_sizes(1, k, q, t.dtype);
-    for (o, bytes, per_row) in [
-        (&t.outputs[0], &w, w1),
-        (&t.outputs[1], &s, s1),
-        (&t.outputs[2], &b, b1),
-    ] {
+    for o in &t.outputs {
+        let (bytes, per_row) = match o.role {
+            Role::Weight => (&w, w1),
+            Role::Scales => (&s, s1),
+            Role::Biases => (&b, b1),
+            Role::Tensor => unreachable!("quantized plans have no plain output"),
+        };
         writers[o.shard].write_at(o.offset + job.rows.start * per_row, bytes)?;
     }
     Ok(())
@@ -355,10 +370,15 @@ pub fn permute(src: &[u8], shape: &[usize], perm: &[usize], esize: usize, out: &
 
 fn model_card(plan: &Plan, spec: &OutputSpec) -> String {
     let what = match &plan.quant {
-        Some(q) => format!("quantized to {} bits (group size {}, affine)", q.bits, q.group_size),
+        Some(q) => format!(
+            "quantized to {} bits (group size {}, affine)",
+            q.bits, q.group_size
+        ),
         None => format!(
             "converted to {}",
-            plan.dtype.map(DType::torch_name).unwrap_or("the source dtype")
+            plan.dtype
+                .map(DType::torch_name)
+                .unwrap_or("the source dtype")
         ),
     };
     format!(

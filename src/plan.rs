@@ -34,10 +34,23 @@ pub struct PlanOptions {
     pub source_is_mlx: bool,
 }
 
+/// What an output tensor holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The (cast, re-laid-out) tensor itself.
+    Tensor,
+    /// Packed quantized levels.
+    Weight,
+    Scales,
+    Biases,
+}
+
 /// Where one output tensor lands.
 #[derive(Debug, Clone, Serialize)]
 pub struct OutputTensor {
     pub name: String,
+    pub role: Role,
     #[serde(serialize_with = "ser_dtype")]
     pub dtype: DType,
     pub shape: Vec<usize>,
@@ -67,18 +80,25 @@ pub struct TensorPlan {
     pub dtype: DType,
     #[serde(serialize_with = "ser_quant")]
     pub quant: Option<QuantSpec>,
-    /// `[weight]`, or `[weight, scales, biases]` when quantized.
+    /// `[tensor]`, or `[weight, scales, biases]` when quantized (`[scales, biases]` for a head whose
+    /// packed weight the loader takes from the embedding).
     pub outputs: Vec<OutputTensor>,
 }
 
-fn ser_layout<S: serde::Serializer>(l: &Option<Layout>, s: S) -> std::result::Result<S::Ok, S::Error> {
+fn ser_layout<S: serde::Serializer>(
+    l: &Option<Layout>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     match l {
         Some(l) => s.serialize_str(&l.name()),
         None => s.serialize_none(),
     }
 }
 
-fn ser_quant<S: serde::Serializer>(q: &Option<QuantSpec>, s: S) -> std::result::Result<S::Ok, S::Error> {
+fn ser_quant<S: serde::Serializer>(
+    q: &Option<QuantSpec>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
     match q {
         Some(q) => s.serialize_str(&format!("affine b{} g{}", q.bits, q.group_size)),
         None => s.serialize_none(),
@@ -154,7 +174,15 @@ impl Plan {
         opts: &PlanOptions,
     ) -> Result<Plan> {
         let view = ConfigView(config);
-        let target_dtype = opts.dtype.or_else(|| view.dtype());
+        // An MLX directory's tensors are already in the dtype chosen when it was made; its config may
+        // still name the original one (mlx-vlm keeps nested `torch_dtype`s), so only --dtype casts it.
+        let target_dtype = opts.dtype.or_else(|| {
+            if opts.source_is_mlx {
+                None
+            } else {
+                view.dtype()
+            }
+        });
 
         // 1. Names: every source tensor must meet a rule.
         let mut unmatched = Vec::new();
@@ -184,7 +212,11 @@ impl Plan {
         }
         if !unmatched.is_empty() {
             let count = unmatched.len();
-            let mut list: Vec<String> = unmatched.iter().take(20).map(|n| format!("`{n}`")).collect();
+            let mut list: Vec<String> = unmatched
+                .iter()
+                .take(20)
+                .map(|n| format!("`{n}`"))
+                .collect();
             if count > 20 {
                 list.push(format!("and {} more", count - 20));
             }
@@ -198,10 +230,14 @@ impl Plan {
         // 2. The output head. The tie flag may sit in several places (and transformers 4 and 5 read
         // different ones); a checkpoint without a head but with an explicit `true` anywhere is tied.
         let mut config_updates = Vec::new();
+        let mut alias_head: Option<String> = None;
         if let Some(h) = &recipe.head {
             let flags = view.tie_flags(h.config_key.as_deref());
             let has_head = renamed.iter().any(|(_, n)| *n == h.head);
-            let embed = renamed.iter().find(|(_, n)| *n == h.embedding).map(|(s, _)| *s);
+            let embed = renamed
+                .iter()
+                .find(|(_, n)| *n == h.embedding)
+                .map(|(s, _)| *s);
             let mut tied = flags.first().copied().unwrap_or(h.tie_default);
             if !tied && !has_head && embed.is_some() && flags.contains(&true) {
                 tied = true;
@@ -214,7 +250,9 @@ impl Plan {
                     if *n == h.head {
                         dropped.push(Dropped {
                             tensor: s.name.clone(),
-                            reason: "tie_word_embeddings is true: the MLX model reuses the embedding".into(),
+                            reason:
+                                "tie_word_embeddings is true: the MLX model reuses the embedding"
+                                    .into(),
                         });
                         false
                     } else {
@@ -224,6 +262,26 @@ impl Plan {
                 (true, false, TiedHead::Copy) => {
                     if let Some(e) = embed {
                         renamed.push((e, h.head.clone()));
+                    }
+                }
+                (true, _, TiedHead::Alias) => {
+                    renamed.retain(|(s, n)| {
+                        if *n == h.head {
+                            dropped.push(Dropped {
+                                tensor: s.name.clone(),
+                                reason: "tied head: the MLX loader fills it from the embedding"
+                                    .into(),
+                            });
+                            false
+                        } else {
+                            true
+                        }
+                    });
+                    if let Some(e) = embed {
+                        if opts.quant.is_some() {
+                            alias_head = Some(h.head.clone());
+                            renamed.push((e, h.head.clone()));
+                        }
                     }
                 }
                 (true, false, TiedHead::Keep) | (false, false, _) if embed.is_some() => {
@@ -282,7 +340,10 @@ impl Plan {
             if let Some(spec) = opts.quant {
                 if let Some(module) = name.strip_suffix(".weight") {
                     // Vectors (norms, biases) are never Linear/Embedding weights: not candidates.
-                    if recipe.quantize.allows(module) && tp.layout.is_none() && tp.source_shape.len() >= 2 {
+                    if recipe.quantize.allows(module)
+                        && tp.layout.is_none()
+                        && tp.source_shape.len() >= 2
+                    {
                         match quantizable(&tp, spec) {
                             Ok(()) => tp.quant = Some(spec),
                             Err(reason) => unquantized.push(Unquantized {
@@ -293,26 +354,30 @@ impl Plan {
                     }
                 }
             }
-            let shape = tp.out_shape();
-            tp.outputs = match tp.quant {
-                None => vec![out(&name, dtype, shape)],
-                Some(spec) => {
-                    let k = *shape.last().expect("quantized tensors have >= 2 axes");
-                    let lead = &shape[..shape.len() - 1];
-                    let module = name.strip_suffix(".weight").expect("checked above");
-                    let with_last = |last: usize| {
-                        let mut v = lead.to_vec();
-                        v.push(last);
-                        v
-                    };
-                    vec![
-                        out(&name, DType::U32, with_last(k * spec.bits as usize / 32)),
-                        out(&format!("{module}.scales"), dtype, with_last(k / spec.group_size)),
-                        out(&format!("{module}.biases"), dtype, with_last(k / spec.group_size)),
-                    ]
-                }
-            };
+            tp.outputs = outputs_for(&tp, false);
             tensors.push(tp);
+        }
+        // The aliased head mirrors the embedding's quantization, or is not written at all.
+        if let (Some(head), Some(h)) = (&alias_head, &recipe.head) {
+            let embed_quant = tensors
+                .iter()
+                .find(|t| t.name == h.embedding)
+                .and_then(|t| t.quant);
+            if let Some(pos) = tensors.iter().position(|t| &t.name == head) {
+                // Not a parameter of its own: it shares the embedding's.
+                total_parameters -= tensors[pos].numel();
+                match embed_quant {
+                    None => {
+                        tensors.remove(pos);
+                    }
+                    Some(q) => {
+                        let t = &mut tensors[pos];
+                        t.quant = Some(q);
+                        t.outputs = outputs_for(t, true);
+                    }
+                }
+            }
+            unquantized.retain(|u| format!("{}.weight", u.module) != *head);
         }
 
         // 4. Shards: greedy in name order under the size cap, as mlx-vlm's make_shards does.
@@ -322,7 +387,11 @@ impl Plan {
                 all.push((i, j));
             }
         }
-        all.sort_by(|a, b| tensors[a.0].outputs[a.1].name.cmp(&tensors[b.0].outputs[b.1].name));
+        all.sort_by(|a, b| {
+            tensors[a.0].outputs[a.1]
+                .name
+                .cmp(&tensors[b.0].outputs[b.1].name)
+        });
         let mut groups: Vec<Vec<(usize, usize)>> = vec![Vec::new()];
         let mut cur = 0u64;
         for &(i, j) in &all {
@@ -400,10 +469,56 @@ impl Plan {
     }
 }
 
-fn out(name: &str, dtype: DType, shape: Vec<usize>) -> OutputTensor {
+/// The output tensors of a plan entry; `alias` leaves out the packed weight (the loader takes the
+/// embedding's).
+fn outputs_for(t: &TensorPlan, alias: bool) -> Vec<OutputTensor> {
+    let shape = t.out_shape();
+    let Some(spec) = t.quant else {
+        return vec![out(&t.name, Role::Tensor, t.dtype, shape)];
+    };
+    let k = *shape.last().expect("quantized tensors have >= 2 axes");
+    let lead = &shape[..shape.len() - 1];
+    let module = t
+        .name
+        .strip_suffix(".weight")
+        .expect("only .weight tensors quantize");
+    let with_last = |last: usize| {
+        let mut v = lead.to_vec();
+        v.push(last);
+        v
+    };
+    let groups = k / spec.group_size;
+    let mut v = vec![
+        out(
+            &t.name,
+            Role::Weight,
+            DType::U32,
+            with_last(k * spec.bits as usize / 32),
+        ),
+        out(
+            &format!("{module}.scales"),
+            Role::Scales,
+            t.dtype,
+            with_last(groups),
+        ),
+        out(
+            &format!("{module}.biases"),
+            Role::Biases,
+            t.dtype,
+            with_last(groups),
+        ),
+    ];
+    if alias {
+        v.remove(0);
+    }
+    v
+}
+
+fn out(name: &str, role: Role, dtype: DType, shape: Vec<usize>) -> OutputTensor {
     let nbytes = shape.iter().product::<usize>() * dtype.size();
     OutputTensor {
         name: name.to_string(),
+        role,
         dtype,
         shape,
         nbytes,
@@ -416,7 +531,10 @@ fn out(name: &str, dtype: DType, shape: Vec<usize>) -> OutputTensor {
 fn quantizable(t: &TensorPlan, spec: QuantSpec) -> std::result::Result<(), String> {
     let shape = t.out_shape();
     if shape.len() < 2 {
-        return Err(format!("{}-D weight (only matrices and stacked matrices quantize)", shape.len()));
+        return Err(format!(
+            "{}-D weight (only matrices and stacked matrices quantize)",
+            shape.len()
+        ));
     }
     if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
         return Err(format!("{} weights are not quantized", t.dtype));
@@ -434,6 +552,9 @@ fn quantizable(t: &TensorPlan, spec: QuantSpec) -> std::result::Result<(), Strin
             t.numel()
         ));
     }
-    debug_assert_eq!(quant::quantized_sizes(1, k, spec, t.dtype).0, k * spec.bits as usize / 8);
+    debug_assert_eq!(
+        quant::quantized_sizes(1, k, spec, t.dtype).0,
+        k * spec.bits as usize / 8
+    );
     Ok(())
 }

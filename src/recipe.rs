@@ -92,6 +92,9 @@ pub enum TiedHead {
     Keep,
     /// The class always has a head: keep a stored one, else write a copy of the embedding.
     Copy,
+    /// The loader itself fills the head's weight from the embedding (Gemma 3 in mlx-vlm): write no
+    /// head, except, when quantized, its `scales`/`biases` so the loader builds a quantized head.
+    Alias,
 }
 
 /// Which modules may be quantized.
@@ -104,7 +107,8 @@ pub struct QuantPolicy {
 impl QuantPolicy {
     /// Whether the module at MLX path `module` (without `.weight`) may be quantized.
     pub fn allows(&self, module: &str) -> bool {
-        self.modules.iter().any(|r| r.is_match(module)) && !self.exclude.iter().any(|r| r.is_match(module))
+        self.modules.iter().any(|r| r.is_match(module))
+            && !self.exclude.iter().any(|r| r.is_match(module))
     }
 }
 
@@ -124,6 +128,9 @@ pub struct ConfigRules {
     /// `rope_scaling.type` to write when `rope_parameters` carries more than a theta (e.g. "mrope").
     #[serde(default)]
     pub rope_scaling_type: Option<String>,
+    /// Derive `sliding_window_pattern` from transformers 5's `layer_types` (Gemma 2/3).
+    #[serde(default)]
+    pub sliding_window_pattern_from_layer_types: bool,
     /// Text model types whose MLX class reads `rope_parameters` itself (e.g. `ministral3`): keep it.
     #[serde(default)]
     pub keep_rope_parameters_for: Vec<String>,
@@ -223,7 +230,9 @@ impl Recipe {
         };
         let f: RecipeFile = toml::from_str(text).map_err(|e| err(e.to_string()))?;
         if f.model_types.is_empty() {
-            return Err(err("`model_types` must name at least one config.json model_type".into()));
+            return Err(err(
+                "`model_types` must name at least one config.json model_type".into(),
+            ));
         }
         let mut rules = Vec::new();
         for r in &f.tensors {
@@ -252,16 +261,17 @@ impl Recipe {
                     let mut sorted = p.clone();
                     sorted.sort_unstable();
                     if sorted != (0..p.len()).collect::<Vec<_>>() {
-                        return Err(err(format!("layout `{}`: perm {p:?} is not a permutation", l.tensor)));
+                        return Err(err(format!(
+                            "layout `{}`: perm {p:?} is not a permutation",
+                            l.tensor
+                        )));
                     }
                     Layout::Transpose(p.clone())
                 }
-                (op, _) => {
-                    return Err(err(format!(
-                        "layout `{}`: op `{op}` must be conv1d, conv2d, conv3d, or transpose with perm",
-                        l.tensor
-                    )))
-                }
+                (op, _) => return Err(err(format!(
+                    "layout `{}`: op `{op}` must be conv1d, conv2d, conv3d, or transpose with perm",
+                    l.tensor
+                ))),
             };
             layouts.push(LayoutRule {
                 pattern: anchored(origin, "layout", &l.tensor)?,
@@ -278,9 +288,10 @@ impl Recipe {
                     "drop" => TiedHead::Drop,
                     "keep" => TiedHead::Keep,
                     "copy" => TiedHead::Copy,
+                    "alias" => TiedHead::Alias,
                     other => {
                         return Err(err(format!(
-                            "head.when_tied is `{other}`; use \"drop\", \"keep\" or \"copy\""
+                            "head.when_tied is `{other}`; use \"drop\", \"keep\", \"copy\" or \"alias\""
                         )))
                     }
                 },
@@ -335,7 +346,10 @@ impl Recipe {
 
     /// The built-in recipe for a config.json, chosen by `model_type`, then `architectures`.
     pub fn for_config(config: &serde_json::Value) -> Result<Recipe> {
-        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or_default();
+        let model_type = config
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
         let archs: Vec<&str> = config
             .get("architectures")
             .and_then(|v| v.as_array())
@@ -358,7 +372,11 @@ impl Recipe {
         };
         pick.cloned().ok_or_else(|| Error::UnknownArchitecture {
             model_type: model_type.to_string(),
-            supported: all.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", "),
+            supported: all
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         })
     }
 
@@ -422,7 +440,10 @@ exclude = ['.*\.gate']
             "test",
         )
         .unwrap();
-        assert!(matches!(r.map_name("model.rotary.inv_freq"), Some(Action::Drop(_))));
+        assert!(matches!(
+            r.map_name("model.rotary.inv_freq"),
+            Some(Action::Drop(_))
+        ));
         match r.map_name("model.layers.0.q.weight") {
             Some(Action::Rename(n)) => assert_eq!(n, "language_model.model.layers.0.q.weight"),
             other => panic!("{other:?}"),

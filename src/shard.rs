@@ -120,7 +120,11 @@ impl SafetensorsFile {
     }
 }
 
-type Parsed = (BTreeMap<String, TensorInfo>, BTreeMap<String, String>, usize);
+type Parsed = (
+    BTreeMap<String, TensorInfo>,
+    BTreeMap<String, String>,
+    usize,
+);
 
 /// Validates a whole safetensors buffer's header against the buffer's length.
 pub fn parse_header(buf: &[u8]) -> std::result::Result<Parsed, String> {
@@ -140,8 +144,9 @@ pub fn parse_header(buf: &[u8]) -> std::result::Result<Parsed, String> {
         ));
     }
     let header = &buf[8..8 + n as usize];
-    let value: Value = serde_json::from_slice(header)
-        .map_err(|e| format!("header is not valid JSON ({e}); the file is corrupt or not safetensors"))?;
+    let value: Value = serde_json::from_slice(header).map_err(|e| {
+        format!("header is not valid JSON ({e}); the file is corrupt or not safetensors")
+    })?;
     let Value::Object(obj) = value else {
         return Err("header is not a JSON object".into());
     };
@@ -212,7 +217,9 @@ fn parse_tensor_entry(name: &str, v: &Value) -> std::result::Result<TensorInfo, 
         .iter()
         .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
         .collect::<Option<_>>()
-        .ok_or_else(|| format!("tensor `{name}`: `shape` must be a list of non-negative integers"))?;
+        .ok_or_else(|| {
+            format!("tensor `{name}`: `shape` must be a list of non-negative integers")
+        })?;
     let offs = obj
         .get("data_offsets")
         .and_then(Value::as_array)
@@ -226,7 +233,9 @@ fn parse_tensor_entry(name: &str, v: &Value) -> std::result::Result<TensorInfo, 
     };
     let (begin, end) = (off(0)?, off(1)?);
     if end < begin {
-        return Err(format!("tensor `{name}`: data_offsets [{begin}, {end}] are reversed"));
+        return Err(format!(
+            "tensor `{name}`: data_offsets [{begin}, {end}] are reversed"
+        ));
     }
     let expect = shape
         .iter()
@@ -307,10 +316,7 @@ pub fn layout_shard(tensors: &[TensorLayout], metadata: &BTreeMap<String, String
     bytes.extend_from_slice(&json);
     ShardHeader {
         bytes,
-        offsets: rel
-            .into_iter()
-            .map(|(n, p)| (n, data_start + p))
-            .collect(),
+        offsets: rel.into_iter().map(|(n, p)| (n, data_start + p)).collect(),
         file_len: data_start + pos,
     }
 }
@@ -348,7 +354,9 @@ impl ShardWriter {
 
     /// Flushes the file to disk.
     pub fn finish(self) -> Result<()> {
-        self.file.sync_all().map_err(|e| Error::write(&self.path, e))
+        self.file
+            .sync_all()
+            .map_err(|e| Error::write(&self.path, e))
     }
 }
 
@@ -430,14 +438,17 @@ mod tests {
         assert!(parse_header(&huge).unwrap_err().contains("limit"));
         let mut long = 1000u64.to_le_bytes().to_vec();
         long.extend_from_slice(b"{}");
-        assert!(parse_header(&long).unwrap_err().contains("larger than the file"));
+        assert!(parse_header(&long)
+            .unwrap_err()
+            .contains("larger than the file"));
         assert!(parse_header(&header_bytes("[1]", &[]))
             .unwrap_err()
             .contains("not a JSON object"));
         assert!(parse_header(&header_bytes("{nope", &[]))
             .unwrap_err()
             .contains("not valid JSON"));
-        let overflow = r#"{"t":{"dtype":"F32","shape":[18446744073709551615,4],"data_offsets":[0,8]}}"#;
+        let overflow =
+            r#"{"t":{"dtype":"F32","shape":[18446744073709551615,4],"data_offsets":[0,8]}}"#;
         assert!(parse_header(&header_bytes(overflow, &[0; 8]))
             .unwrap_err()
             .contains("overflows"));

@@ -135,7 +135,9 @@ impl Source {
                 if !tensors.contains_key(name) {
                     return Err(Error::Index {
                         path: index_path.clone(),
-                        msg: format!("tensor `{name}` is listed in {f} but that shard does not contain it"),
+                        msg: format!(
+                            "tensor `{name}` is listed in {f} but that shard does not contain it"
+                        ),
                     });
                 }
             }
@@ -143,7 +145,10 @@ impl Source {
             let mut files = list_files(dir, |n| n.ends_with(".safetensors"))?;
             if files.is_empty() {
                 let pickles = list_files(dir, |n| {
-                    n.ends_with(".bin") || n.ends_with(".pt") || n.ends_with(".pth") || n.ends_with(".ckpt")
+                    n.ends_with(".bin")
+                        || n.ends_with(".pt")
+                        || n.ends_with(".pth")
+                        || n.ends_with(".ckpt")
                 })?;
                 if !pickles.is_empty() {
                     return Err(Error::PickleOnly {
@@ -269,9 +274,7 @@ fn checked_path(dir: &Path, root: &Path, name: &str) -> Result<PathBuf> {
     };
     if name.is_empty()
         || rel.is_absolute()
-        || rel
-            .components()
-            .any(|c| !matches!(c, Component::Normal(_)))
+        || rel.components().any(|c| !matches!(c, Component::Normal(_)))
     {
         return Err(escape());
     }
@@ -316,14 +319,16 @@ fn read_config(path: &Path) -> Result<Value> {
         path: path.to_path_buf(),
         msg,
     };
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
     if !v.is_object() {
         return Err(invalid("not a JSON object".into()));
     }
     match v.get("model_type") {
         Some(Value::String(s)) if !s.is_empty() => Ok(v),
         _ => Err(invalid(
-            "no `model_type`: cannot tell the architecture; is this a transformers config.json?".into(),
+            "no `model_type`: cannot tell the architecture; is this a transformers config.json?"
+                .into(),
         )),
     }
 }
@@ -334,7 +339,8 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
         path: path.to_path_buf(),
         msg,
     };
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(Value::as_object)
@@ -342,7 +348,9 @@ fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     map.iter()
         .map(|(k, v)| match v {
             Value::String(s) => Ok((k.clone(), s.clone())),
-            _ => Err(invalid(format!("weight_map entry `{k}` is not a file name"))),
+            _ => Err(invalid(format!(
+                "weight_map entry `{k}` is not a file name"
+            ))),
         })
         .collect()
 }

@@ -25,7 +25,15 @@ fn assert_no_output(parent: &Path, out: &Path) {
 fn converts_and_writes_the_mlx_contract() {
     let t = tmp();
     let out = t.path().join("out");
-    let (code, stdout, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--q-bits", "4", "--json"]);
+    let (code, stdout, stderr) = run(&[
+        "--hf-path",
+        s(&fixture(FIX)),
+        "--mlx-path",
+        s(&out),
+        "--q-bits",
+        "4",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!(summary["quantized"].as_u64().unwrap() > 0);
@@ -33,7 +41,13 @@ fn converts_and_writes_the_mlx_contract() {
     assert_eq!(summary["quantization"]["group_size"], 64);
 
     let files = listing(&out);
-    for f in ["config.json", "model.safetensors", "model.safetensors.index.json", "README.md", "tokenizer.json"] {
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "README.md",
+        "tokenizer.json",
+    ] {
         assert!(files.contains(&f.to_string()), "{f} missing from {files:?}");
     }
     let cfg = read_json(&out.join("config.json"));
@@ -60,7 +74,10 @@ fn converts_and_writes_the_mlx_contract() {
             shape.iter().product::<usize>() * size
         })
         .sum();
-    assert_eq!(index["metadata"]["total_size"].as_u64().unwrap() as usize, total);
+    assert_eq!(
+        index["metadata"]["total_size"].as_u64().unwrap() as usize,
+        total
+    );
 
     // Quantized modules carry weight(U32)/scales/biases; mlx metadata on the file.
     let (d, _, _) = &digests["language_model.model.layers.0.self_attn.q_proj.weight"];
@@ -79,7 +96,15 @@ fn converts_and_writes_the_mlx_contract() {
 fn dry_run_writes_nothing_and_plans_every_tensor() {
     let t = tmp();
     let out = t.path().join("out");
-    let (code, stdout, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "-q", "--dry-run", "--json"]);
+    let (code, stdout, stderr) = run(&[
+        "--hf-path",
+        s(&fixture(FIX)),
+        "--mlx-path",
+        s(&out),
+        "-q",
+        "--dry-run",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(!out.exists());
     let plan: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -93,21 +118,37 @@ fn dry_run_writes_nothing_and_plans_every_tensor() {
     let (code, table, _) = run(&["--hf-path", s(&fixture(FIX)), "-q", "--dry-run"]);
     assert_eq!(code, 0);
     assert!(table.contains("language_model.model.embed_tokens.weight"));
-    assert!(table.contains("conv3d"), "layout column shows the patch-embedding transpose");
+    assert!(
+        table.contains("conv3d"),
+        "layout column shows the patch-embedding transpose"
+    );
 }
 
 #[test]
 fn q_bits_alone_implies_quantization_and_names_the_default_output() {
     let t = tmp();
-    let (code, _, stderr) = bin_in(t.path(), &["--hf-path", s(&fixture(FIX)), "--q-bits", "8", "--quiet"]);
+    let (code, _, stderr) = bin_in(
+        t.path(),
+        &["--hf-path", s(&fixture(FIX)), "--q-bits", "8", "--quiet"],
+    );
     assert_eq!(code, 0, "{stderr}");
     let expected = format!("{FIX}-8bit");
-    assert!(t.path().join(&expected).join("config.json").exists(), "{:?}", listing(t.path()));
+    assert!(
+        t.path().join(&expected).join("config.json").exists(),
+        "{:?}",
+        listing(t.path())
+    );
     let cfg = read_json(&t.path().join(&expected).join("config.json"));
     assert_eq!(cfg["quantization"]["bits"], 8);
     let (code, _, _) = bin_in(t.path(), &["--hf-path", s(&fixture(FIX)), "--quiet"]);
     assert_eq!(code, 0);
-    assert!(listing(t.path()).iter().any(|n| n.starts_with(FIX) && n.ends_with("16")), "{:?}", listing(t.path()));
+    assert!(
+        listing(t.path())
+            .iter()
+            .any(|n| n.starts_with(FIX) && n.ends_with("16")),
+        "{:?}",
+        listing(t.path())
+    );
 }
 
 fn bin_in(dir: &Path, args: &[&str]) -> (i32, String, String) {
@@ -125,11 +166,27 @@ fn existing_output_needs_force_and_force_replaces_it() {
     let out = t.path().join("out");
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("old.txt"), "x").unwrap();
-    let (code, _, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--quiet"]);
+    let (code, _, stderr) = run(&[
+        "--hf-path",
+        s(&fixture(FIX)),
+        "--mlx-path",
+        s(&out),
+        "--quiet",
+    ]);
     assert_eq!(code, 5, "{stderr}");
     assert!(stderr.contains("--force"), "{stderr}");
-    assert!(out.join("old.txt").exists(), "refusal must not touch the existing output");
-    let (code, _, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--quiet", "--force"]);
+    assert!(
+        out.join("old.txt").exists(),
+        "refusal must not touch the existing output"
+    );
+    let (code, _, stderr) = run(&[
+        "--hf-path",
+        s(&fixture(FIX)),
+        "--mlx-path",
+        s(&out),
+        "--quiet",
+        "--force",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(!out.join("old.txt").exists());
     assert!(out.join("model.safetensors").exists());
@@ -153,7 +210,12 @@ fn recipes_subcommand_lists_every_architecture() {
     let (code, stdout, _) = run(&["recipes", "--json"]);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    let names: Vec<&str> = v.as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
     assert!(names.contains(&"qwen2_vl"), "{names:?}");
     let (code, text, _) = run(&["recipes"]);
     assert_eq!(code, 0);
@@ -177,7 +239,10 @@ fn unknown_architecture_fails_before_reading_weights() {
     let out = t.path().join("out");
     let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
     assert_eq!(code, 4, "{stderr}");
-    assert!(stderr.contains("florence9") && stderr.contains("qwen2_vl"), "{stderr}");
+    assert!(
+        stderr.contains("florence9") && stderr.contains("qwen2_vl"),
+        "{stderr}"
+    );
     assert_no_output(t.path(), &out);
 }
 
@@ -190,7 +255,10 @@ fn config_errors_are_named() {
     std::fs::write(src.join("config.json"), b"{not json").unwrap();
     let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
     assert_eq!(code, 3, "{stderr}");
-    assert!(stderr.contains("config.json") && stderr.contains("not valid JSON"), "{stderr}");
+    assert!(
+        stderr.contains("config.json") && stderr.contains("not valid JSON"),
+        "{stderr}"
+    );
     std::fs::write(src.join("config.json"), b"{\"hidden_size\": 4}").unwrap();
     let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
     assert_eq!(code, 3);
@@ -199,7 +267,12 @@ fn config_errors_are_named() {
     let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
     assert_eq!(code, 3);
     assert!(stderr.contains("no config.json"), "{stderr}");
-    let (code, _, stderr) = run(&["--hf-path", s(&t.path().join("missing")), "--mlx-path", s(&out)]);
+    let (code, _, stderr) = run(&[
+        "--hf-path",
+        s(&t.path().join("missing")),
+        "--mlx-path",
+        s(&out),
+    ]);
     assert_eq!(code, 3);
     assert!(stderr.contains("does not exist"), "{stderr}");
     assert_no_output(t.path(), &out);
@@ -219,7 +292,10 @@ fn pickle_only_checkpoints_are_refused() {
     let out = t.path().join("out");
     let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
     assert_eq!(code, 3, "{stderr}");
-    assert!(stderr.contains("pickle") && stderr.contains("pytorch_model.bin"), "{stderr}");
+    assert!(
+        stderr.contains("pickle") && stderr.contains("pytorch_model.bin"),
+        "{stderr}"
+    );
     assert_no_output(t.path(), &out);
 }
 
@@ -235,7 +311,13 @@ fn sharded_copy(dst: &Path) {
         let file = format!("model-0000{}-of-00002.safetensors", i + 1);
         let items: Vec<_> = part
             .iter()
-            .map(|n| (n.clone(), f.tensors[n].clone(), f.data(&f.tensors[n]).to_vec()))
+            .map(|n| {
+                (
+                    n.clone(),
+                    f.tensors[n].clone(),
+                    f.data(&f.tensors[n]).to_vec(),
+                )
+            })
             .collect();
         write_safetensors(&dst.join(&file), &f.metadata, &items);
         for n in part.iter() {
@@ -245,7 +327,11 @@ fn sharded_copy(dst: &Path) {
     drop(f);
     std::fs::remove_file(&single).unwrap();
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": wm});
-    std::fs::write(dst.join("model.safetensors.index.json"), serde_json::to_vec_pretty(&index).unwrap()).unwrap();
+    std::fs::write(
+        dst.join("model.safetensors.index.json"),
+        serde_json::to_vec_pretty(&index).unwrap(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -254,8 +340,22 @@ fn sharded_input_converts_like_the_single_file() {
     let src = t.path().join("src");
     sharded_copy(&src);
     let (a, b) = (t.path().join("a"), t.path().join("b"));
-    assert_eq!(run(&["--hf-path", s(&src), "--mlx-path", s(&a), "-q", "--quiet"]).0, 0);
-    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&b), "-q", "--quiet"]).0, 0);
+    assert_eq!(
+        run(&["--hf-path", s(&src), "--mlx-path", s(&a), "-q", "--quiet"]).0,
+        0
+    );
+    assert_eq!(
+        run(&[
+            "--hf-path",
+            s(&fixture(FIX)),
+            "--mlx-path",
+            s(&b),
+            "-q",
+            "--quiet"
+        ])
+        .0,
+        0
+    );
     assert_eq!(tensor_digests(&a), tensor_digests(&b));
 }
 
@@ -269,7 +369,10 @@ fn index_problems_are_named() {
     std::fs::remove_file(src.join("model-00002-of-00002.safetensors")).unwrap();
     let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
     assert_eq!(code, 3, "{stderr}");
-    assert!(stderr.contains("model-00002-of-00002.safetensors") && stderr.contains("missing"), "{stderr}");
+    assert!(
+        stderr.contains("model-00002-of-00002.safetensors") && stderr.contains("missing"),
+        "{stderr}"
+    );
 
     // An index entry climbing out of the directory.
     for evil in ["../outside.safetensors", "/etc/passwd"] {
@@ -277,21 +380,43 @@ fn index_problems_are_named() {
         sharded_copy(&src);
         let idx = src.join("model.safetensors.index.json");
         let mut v = read_json(&idx);
-        let first = v["weight_map"].as_object().unwrap().keys().next().unwrap().clone();
+        let first = v["weight_map"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .next()
+            .unwrap()
+            .clone();
         v["weight_map"][&first] = evil.into();
         std::fs::write(&idx, serde_json::to_vec(&v).unwrap()).unwrap();
         let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
         assert_eq!(code, 3, "{stderr}");
-        assert!(stderr.contains("outside the model directory") && stderr.contains(evil), "{stderr}");
+        assert!(
+            stderr.contains("outside the model directory") && stderr.contains(evil),
+            "{stderr}"
+        );
     }
 
     // The same tensor in two shards.
     let src = t.path().join("dup");
     sharded_copy(&src);
-    let a = vlm_convert::shard::SafetensorsFile::open(&src.join("model-00001-of-00002.safetensors")).unwrap();
-    let b = vlm_convert::shard::SafetensorsFile::open(&src.join("model-00002-of-00002.safetensors")).unwrap();
-    let (n, info) = a.tensors.iter().next().map(|(n, i)| (n.clone(), i.clone())).unwrap();
-    let mut items: Vec<_> = b.tensors.iter().map(|(k, i)| (k.clone(), i.clone(), b.data(i).to_vec())).collect();
+    let a =
+        vlm_convert::shard::SafetensorsFile::open(&src.join("model-00001-of-00002.safetensors"))
+            .unwrap();
+    let b =
+        vlm_convert::shard::SafetensorsFile::open(&src.join("model-00002-of-00002.safetensors"))
+            .unwrap();
+    let (n, info) = a
+        .tensors
+        .iter()
+        .next()
+        .map(|(n, i)| (n.clone(), i.clone()))
+        .unwrap();
+    let mut items: Vec<_> = b
+        .tensors
+        .iter()
+        .map(|(k, i)| (k.clone(), i.clone(), b.data(i).to_vec()))
+        .collect();
     items.push((n.clone(), info.clone(), a.data(&info).to_vec()));
     let meta = b.metadata.clone();
     drop((a, b));
@@ -313,7 +438,10 @@ fn truncated_and_lying_shards_are_named() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
     assert_eq!(code, 3, "{stderr}");
-    assert!(stderr.contains("model.safetensors") && stderr.contains("truncated"), "{stderr}");
+    assert!(
+        stderr.contains("model.safetensors") && stderr.contains("truncated"),
+        "{stderr}"
+    );
 
     let mut lie = bytes.clone();
     lie[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
@@ -362,7 +490,10 @@ fn hugging_face_cache_snapshots_work_and_foreign_symlinks_do_not() {
     let (code, stdout, stderr) = bin_in(t.path(), &["--hf-path", s(&snap), "-q", "--json"]);
     assert_eq!(code, 0, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert!(v["output"].as_str().unwrap().ends_with("Tiny-VL-4bit"), "{v}");
+    assert!(
+        v["output"].as_str().unwrap().ends_with("Tiny-VL-4bit"),
+        "{v}"
+    );
     let card = std::fs::read_to_string(t.path().join("Tiny-VL-4bit/README.md")).unwrap();
     assert!(card.contains("base_model: Qwen/Tiny-VL"), "{card}");
 
@@ -382,14 +513,38 @@ fn hugging_face_cache_snapshots_work_and_foreign_symlinks_do_not() {
 fn converting_an_mlx_output_again_changes_nothing() {
     let t = tmp();
     let (a, b) = (t.path().join("a"), t.path().join("b"));
-    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&a), "--quiet"]).0, 0);
+    assert_eq!(
+        run(&[
+            "--hf-path",
+            s(&fixture(FIX)),
+            "--mlx-path",
+            s(&a),
+            "--quiet"
+        ])
+        .0,
+        0
+    );
     let (code, _, stderr) = run(&["--hf-path", s(&a), "--mlx-path", s(&b), "--quiet"]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(tensor_digests(&a), tensor_digests(&b));
     // And quantizing the converted directory equals quantizing the original.
     let (c, d) = (t.path().join("c"), t.path().join("d"));
-    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&c), "-q", "--quiet"]).0, 0);
-    assert_eq!(run(&["--hf-path", s(&a), "--mlx-path", s(&d), "-q", "--quiet"]).0, 0);
+    assert_eq!(
+        run(&[
+            "--hf-path",
+            s(&fixture(FIX)),
+            "--mlx-path",
+            s(&c),
+            "-q",
+            "--quiet"
+        ])
+        .0,
+        0
+    );
+    assert_eq!(
+        run(&["--hf-path", s(&a), "--mlx-path", s(&d), "-q", "--quiet"]).0,
+        0
+    );
     assert_eq!(tensor_digests(&c), tensor_digests(&d));
 }
 
@@ -397,9 +552,20 @@ fn converting_an_mlx_output_again_changes_nothing() {
 fn max_shard_size_splits_the_output() {
     let t = tmp();
     let out = t.path().join("out");
-    let (code, _, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--max-shard-size", "200KB", "--quiet"]);
+    let (code, _, stderr) = run(&[
+        "--hf-path",
+        s(&fixture(FIX)),
+        "--mlx-path",
+        s(&out),
+        "--max-shard-size",
+        "200KB",
+        "--quiet",
+    ]);
     assert_eq!(code, 0, "{stderr}");
-    let shards: Vec<String> = listing(&out).into_iter().filter(|f| f.ends_with(".safetensors")).collect();
+    let shards: Vec<String> = listing(&out)
+        .into_iter()
+        .filter(|f| f.ends_with(".safetensors"))
+        .collect();
     assert!(shards.len() > 1, "{shards:?}");
     let n = shards.len();
     for (i, f) in shards.iter().enumerate() {
@@ -407,11 +573,22 @@ fn max_shard_size_splits_the_output() {
     }
     let index = read_json(&out.join("model.safetensors.index.json"));
     for (name, file) in index["weight_map"].as_object().unwrap() {
-        let f = vlm_convert::shard::SafetensorsFile::open(&out.join(file.as_str().unwrap())).unwrap();
+        let f =
+            vlm_convert::shard::SafetensorsFile::open(&out.join(file.as_str().unwrap())).unwrap();
         assert!(f.tensors.contains_key(name), "{name} not in {file}");
     }
     let single = t.path().join("single");
-    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&single), "--quiet"]).0, 0);
+    assert_eq!(
+        run(&[
+            "--hf-path",
+            s(&fixture(FIX)),
+            "--mlx-path",
+            s(&single),
+            "--quiet"
+        ])
+        .0,
+        0
+    );
     assert_eq!(tensor_digests(&out), tensor_digests(&single));
 }
 
@@ -457,7 +634,17 @@ fn a_file_size_limit_mid_write_leaves_nothing() {
     assert!(stderr.contains("cannot write"), "{stderr}");
     assert_no_output(t.path(), &out);
     // A rerun without the limit succeeds.
-    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out), "--quiet"]).0, 0);
+    assert_eq!(
+        run(&[
+            "--hf-path",
+            s(&fixture(FIX)),
+            "--mlx-path",
+            s(&out),
+            "--quiet"
+        ])
+        .0,
+        0
+    );
 }
 
 #[test]
@@ -471,21 +658,52 @@ fn recipe_file_describes_a_new_architecture() {
     let recipe = std::fs::read_to_string(root().join("recipes/qwen2_vl.toml"))
         .unwrap()
         .replace("name = \"qwen2_vl\"", "name = \"my_new_vl\"")
-        .replace("model_types = [\"qwen2_vl\"]", "model_types = [\"my_new_vl\"]");
+        .replace(
+            "model_types = [\"qwen2_vl\"]",
+            "model_types = [\"my_new_vl\"]",
+        );
     let rfile = t.path().join("my_new_vl.toml");
     std::fs::write(&rfile, recipe).unwrap();
     let out = t.path().join("out");
-    let (code, stdout, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out), "--recipe", s(&rfile), "-q", "--json"]);
+    let (code, stdout, stderr) = run(&[
+        "--hf-path",
+        s(&src),
+        "--mlx-path",
+        s(&out),
+        "--recipe",
+        s(&rfile),
+        "-q",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["recipe"], "my_new_vl");
     let reference = t.path().join("ref");
-    assert_eq!(run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&reference), "-q", "--quiet"]).0, 0);
+    assert_eq!(
+        run(&[
+            "--hf-path",
+            s(&fixture(FIX)),
+            "--mlx-path",
+            s(&reference),
+            "-q",
+            "--quiet"
+        ])
+        .0,
+        0
+    );
     assert_eq!(tensor_digests(&out), tensor_digests(&reference));
 
     // A broken recipe file is a named error.
     std::fs::write(&rfile, "name = 3").unwrap();
-    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out), "--recipe", s(&rfile), "--force"]);
+    let (code, _, stderr) = run(&[
+        "--hf-path",
+        s(&src),
+        "--mlx-path",
+        s(&out),
+        "--recipe",
+        s(&rfile),
+        "--force",
+    ]);
     assert_eq!(code, 4, "{stderr}");
     assert!(stderr.contains("my_new_vl.toml"), "{stderr}");
 }
@@ -495,21 +713,51 @@ fn weights_the_group_size_does_not_divide_stay_float_and_are_reported() {
     // The llava fixture's MLP width (288) is a multiple of 32 but not of 64.
     let t = tmp();
     let out = t.path().join("out");
-    let (code, stdout, stderr) = run(&["--hf-path", s(&fixture("llava")), "--mlx-path", s(&out), "-q", "--json"]);
+    let (code, stdout, stderr) = run(&[
+        "--hf-path",
+        s(&fixture("llava")),
+        "--mlx-path",
+        s(&out),
+        "-q",
+        "--json",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     let unq = v["unquantized"].as_array().unwrap();
     assert!(
-        unq.iter().any(|u| u["module"].as_str().unwrap().ends_with("mlp.down_proj")
-            && u["reason"].as_str().unwrap().contains("288")),
+        unq.iter()
+            .any(|u| u["module"].as_str().unwrap().ends_with("mlp.down_proj")
+                && u["reason"].as_str().unwrap().contains("288")),
         "{unq:?}"
     );
     let d = tensor_digests(&out);
-    let down = d.keys().find(|k| k.ends_with("layers.0.mlp.down_proj.weight")).unwrap();
-    assert_ne!(d[down].0, "U32", "down_proj must stay float at group size 64");
-    let (code, _, stderr) = run(&["--hf-path", s(&fixture("llava")), "--mlx-path", s(&out), "-q", "--q-group-size", "64"]);
+    let down = d
+        .keys()
+        .find(|k| k.ends_with("layers.0.mlp.down_proj.weight"))
+        .unwrap();
+    assert_ne!(
+        d[down].0, "U32",
+        "down_proj must stay float at group size 64"
+    );
+    let (code, _, stderr) = run(&[
+        "--hf-path",
+        s(&fixture("llava")),
+        "--mlx-path",
+        s(&out),
+        "-q",
+        "--q-group-size",
+        "64",
+    ]);
     assert_eq!(code, 5, "{stderr}");
-    let (code, _, stderr) = run(&["--hf-path", s(&fixture("llava")), "--mlx-path", s(&out), "--force", "--q-group-size", "32"]);
+    let (code, _, stderr) = run(&[
+        "--hf-path",
+        s(&fixture("llava")),
+        "--mlx-path",
+        s(&out),
+        "--force",
+        "--q-group-size",
+        "32",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(!stderr.contains("down_proj"), "{stderr}");
     let d = tensor_digests(&out);

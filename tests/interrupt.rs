@@ -57,7 +57,10 @@ fn interrupt_with(sig: i32) {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("conversion ended before it could be interrupted: {status}");
         }
-        assert!(Instant::now() < deadline, "staging directory never appeared");
+        assert!(
+            Instant::now() < deadline,
+            "staging directory never appeared"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(50));
@@ -66,7 +69,10 @@ fn interrupt_with(sig: i32) {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130), "{status}");
     assert!(!out.exists());
-    let left: Vec<_> = listing(t.path()).into_iter().filter(|n| n != "src").collect();
+    let left: Vec<_> = listing(t.path())
+        .into_iter()
+        .filter(|n| n != "src")
+        .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
     let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out), "-q", "--quiet"]);
     assert_eq!(code, 0, "{stderr}");

@@ -82,12 +82,16 @@ pub fn rename_tensors(dir: &Path, f: impl Fn(&str) -> Option<String>) {
         }
         write_safetensors(&p, &file.metadata, &items);
         for (n, _, _) in &items {
-            weight_map.insert(n.clone(), p.file_name().unwrap().to_string_lossy().into_owned().into());
+            weight_map.insert(
+                n.clone(),
+                p.file_name().unwrap().to_string_lossy().into_owned().into(),
+            );
         }
     }
     let idx = dir.join("model.safetensors.index.json");
     if idx.exists() {
-        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&idx).unwrap()).unwrap();
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&idx).unwrap()).unwrap();
         v["weight_map"] = serde_json::Value::Object(weight_map);
         std::fs::write(&idx, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
     }
@@ -123,18 +127,29 @@ pub fn materialize(name: &str, variant: Option<&str>, dest: &Path) {
     copy_dir(&fixture(name), dest);
     let Some(variant) = variant else { return };
     let spec: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(fixture(name).join("variants").join(format!("{variant}.json"))).unwrap(),
+        &std::fs::read(
+            fixture(name)
+                .join("variants")
+                .join(format!("{variant}.json")),
+        )
+        .unwrap(),
     )
     .unwrap();
     if let Some(cfg) = spec.get("config").filter(|c| !c.is_null()) {
-        std::fs::write(dest.join("config.json"), serde_json::to_vec_pretty(cfg).unwrap()).unwrap();
+        std::fs::write(
+            dest.join("config.json"),
+            serde_json::to_vec_pretty(cfg).unwrap(),
+        )
+        .unwrap();
     }
     if let Some(map) = spec.get("rename").and_then(|m| m.as_object()) {
         let map: BTreeMap<String, String> = map
             .iter()
             .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
             .collect();
-        rename_tensors(dest, |n| Some(map.get(n).cloned().unwrap_or_else(|| n.to_string())));
+        rename_tensors(dest, |n| {
+            Some(map.get(n).cloned().unwrap_or_else(|| n.to_string()))
+        });
     }
 }
 
