@@ -10,13 +10,12 @@ use crate::plan::{Plan, Role, TensorPlan};
 use crate::quant;
 use crate::shard::ShardWriter;
 use crate::source::Source;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 /// Source bytes handled per work item: large tensors are split into row ranges so that memory stays
 /// bounded and both cores share one big embedding.
@@ -244,21 +243,29 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
         .map(|s| ShardWriter::create(&dir.join(&s.file_name), &s.header))
         .collect::<Result<_>>()?;
     let total = plan.source_bytes() as u64;
-    let bar = if spec.quiet {
-        ProgressBar::hidden()
+    // Two lines: overall bytes, and tensors finished (the one named last is the one just written).
+    let multi = MultiProgress::with_draw_target(if spec.quiet {
+        ProgressDrawTarget::hidden()
     } else {
-        let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} converting [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        b
-    };
-    let started = Instant::now();
+        ProgressDrawTarget::stderr()
+    });
+    let bar = multi.add(ProgressBar::new(total));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "converting [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let tensor_bar = multi.add(ProgressBar::new(plan.tensors.len() as u64));
+    tensor_bar.set_style(
+        ProgressStyle::with_template("tensors    {pos}/{len} {wide_msg}").expect("valid template"),
+    );
     let jobs = jobs_for(plan);
+    let mut pending: Vec<AtomicUsize> = plan.tensors.iter().map(|_| AtomicUsize::new(0)).collect();
+    for j in &jobs {
+        *pending[j.tensor].get_mut() += 1;
+    }
     jobs.par_iter().try_for_each_init(
         || (Vec::new(), Vec::new()),
         |(cast_buf, perm_buf), job| -> Result<()> {
@@ -299,11 +306,15 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
             };
             source.shards[st.shard].release(&st.info, start, len);
             bar.inc(len as u64);
+            if pending[job.tensor].fetch_sub(1, Ordering::AcqRel) == 1 {
+                tensor_bar.inc(1);
+                tensor_bar.set_message(t.name.clone());
+            }
             Ok(())
         },
     )?;
     bar.finish_and_clear();
-    let _ = started;
+    tensor_bar.finish_and_clear();
     let mut written = 0;
     for (w, s) in writers.into_iter().zip(&plan.shards) {
         written += s.header.file_len;
