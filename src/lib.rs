@@ -18,5 +18,7 @@ pub mod quant;
 pub mod recipe;
 pub mod shard;
 pub mod source;
+#[cfg(feature = "mlx")]
+pub mod verify;
 
 pub use error::{Error, Result};

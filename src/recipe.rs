@@ -268,10 +268,12 @@ impl Recipe {
                     }
                     Layout::Transpose(p.clone())
                 }
-                (op, _) => return Err(err(format!(
+                (op, _) => {
+                    return Err(err(format!(
                     "layout `{}`: op `{op}` must be conv1d, conv2d, conv3d, or transpose with perm",
                     l.tensor
-                ))),
+                )))
+                }
             };
             layouts.push(LayoutRule {
                 pattern: anchored(origin, "layout", &l.tensor)?,

@@ -74,35 +74,79 @@ impl Source {
         let config = read_config(&config_path)?;
         let mut input_files = vec![config_path];
 
+        // Which files to read: the index's shards, or every *.safetensors without an index.
         let index_path = dir.join(INDEX_FILE);
-        let mut shards = Vec::new();
-        let mut tensors: BTreeMap<String, SourceTensor> = BTreeMap::new();
-        if index_path.exists() {
+        let weight_map = if index_path.exists() {
             guard(INDEX_FILE)?;
-            let weight_map = read_index(&index_path)?;
-            let files: BTreeSet<&String> = weight_map.values().collect();
-            for f in &files {
-                let p = guard(f).map_err(|e| match e {
-                    Error::PathEscape { .. } => Error::PathEscape {
-                        path: index_path.clone(),
-                        entry: f.to_string(),
-                    },
-                    e => e,
-                })?;
-                if !p.exists() {
-                    return Err(Error::Index {
-                        path: index_path.clone(),
-                        msg: format!(
-                            "shard `{f}` is listed but missing from {}: the download is incomplete; fetch it again",
-                            dir.display()
-                        ),
+            input_files.push(index_path.clone());
+            Some(read_index(&index_path)?)
+        } else {
+            None
+        };
+        let files: Vec<String> = match &weight_map {
+            Some(wm) => wm
+                .values()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .cloned()
+                .collect(),
+            None => {
+                let mut files = list_files(dir, |n| n.ends_with(".safetensors"))?;
+                if files.is_empty() {
+                    let pickles = list_files(dir, |n| {
+                        [".bin", ".pt", ".pth", ".ckpt"]
+                            .iter()
+                            .any(|x| n.ends_with(x))
+                    })?;
+                    if !pickles.is_empty() {
+                        return Err(Error::PickleOnly {
+                            dir: dir.to_path_buf(),
+                            files: pickles.join(", "),
+                        });
+                    }
+                    return Err(Error::NoWeights(dir.to_path_buf()));
+                }
+                // Mistral repos ship their native consolidated file beside the HF shards; without
+                // an index prefer the HF files.
+                if files.iter().any(|f| !f.starts_with("consolidated")) {
+                    files.retain(|f| !f.starts_with("consolidated"));
+                }
+                files
+            }
+        };
+
+        let mut shards: Vec<SafetensorsFile> = Vec::new();
+        let mut tensors: BTreeMap<String, SourceTensor> = BTreeMap::new();
+        let index_error = |msg: String| Error::Index {
+            path: index_path.clone(),
+            msg,
+        };
+        for f in &files {
+            let p = guard(f).map_err(|e| match (e, &weight_map) {
+                (Error::PathEscape { .. }, Some(_)) => Error::PathEscape {
+                    path: index_path.clone(),
+                    entry: f.to_string(),
+                },
+                (e, _) => e,
+            })?;
+            if weight_map.is_some() && !p.exists() {
+                return Err(index_error(format!(
+                    "shard `{f}` is listed but missing from {}: the download is incomplete; fetch it again",
+                    dir.display()
+                )));
+            }
+            let shard = SafetensorsFile::open(&p)?;
+            for (name, info) in &shard.tensors {
+                if let Some(prev) = tensors.get(name) {
+                    return Err(Error::DuplicateTensor {
+                        tensor: name.clone(),
+                        first: shards[prev.shard].path.clone(),
+                        second: p.clone(),
                     });
                 }
-                let shard = SafetensorsFile::open(&p)?;
-                let idx = shards.len();
-                for (name, info) in &shard.tensors {
-                    match weight_map.get(name) {
-                        Some(listed) if listed == *f => {}
+                if let Some(wm) = &weight_map {
+                    match wm.get(name) {
+                        Some(listed) if listed == f => {}
                         Some(listed) => {
                             return Err(Error::DuplicateTensor {
                                 tensor: name.clone(),
@@ -111,80 +155,28 @@ impl Source {
                             })
                         }
                         None => {
-                            return Err(Error::Index {
-                                path: index_path.clone(),
-                                msg: format!(
-                                    "tensor `{name}` is in {f} but not in the index's weight_map; the index and the shards disagree"
-                                ),
-                            })
+                            return Err(index_error(format!(
+                                "tensor `{name}` is in {f} but not in the index's weight_map; the index and the shards disagree"
+                            )))
                         }
                     }
-                    tensors.insert(
-                        name.clone(),
-                        SourceTensor {
-                            shard: idx,
-                            info: info.clone(),
-                        },
-                    );
                 }
-                input_files.push(p);
-                shards.push(shard);
+                tensors.insert(
+                    name.clone(),
+                    SourceTensor {
+                        shard: shards.len(),
+                        info: info.clone(),
+                    },
+                );
             }
-            input_files.insert(1, index_path.clone());
-            for (name, f) in &weight_map {
-                if !tensors.contains_key(name) {
-                    return Err(Error::Index {
-                        path: index_path.clone(),
-                        msg: format!(
-                            "tensor `{name}` is listed in {f} but that shard does not contain it"
-                        ),
-                    });
-                }
-            }
-        } else {
-            let mut files = list_files(dir, |n| n.ends_with(".safetensors"))?;
-            if files.is_empty() {
-                let pickles = list_files(dir, |n| {
-                    n.ends_with(".bin")
-                        || n.ends_with(".pt")
-                        || n.ends_with(".pth")
-                        || n.ends_with(".ckpt")
-                })?;
-                if !pickles.is_empty() {
-                    return Err(Error::PickleOnly {
-                        dir: dir.to_path_buf(),
-                        files: pickles.join(", "),
-                    });
-                }
-                return Err(Error::NoWeights(dir.to_path_buf()));
-            }
-            // Mistral repos ship their native consolidated file beside the HF shards; without an index
-            // prefer the HF files.
-            if files.iter().any(|f| !f.starts_with("consolidated")) {
-                files.retain(|f| !f.starts_with("consolidated"));
-            }
-            for f in files {
-                let p = guard(&f)?;
-                let shard = SafetensorsFile::open(&p)?;
-                let idx = shards.len();
-                for (name, info) in &shard.tensors {
-                    if let Some(prev) = tensors.get(name) {
-                        return Err(Error::DuplicateTensor {
-                            tensor: name.clone(),
-                            first: shards[prev.shard].path.clone(),
-                            second: p.clone(),
-                        });
-                    }
-                    tensors.insert(
-                        name.clone(),
-                        SourceTensor {
-                            shard: idx,
-                            info: info.clone(),
-                        },
-                    );
-                }
-                input_files.push(p);
-                shards.push(shard);
+            input_files.push(p);
+            shards.push(shard);
+        }
+        for (name, f) in weight_map.iter().flatten() {
+            if !tensors.contains_key(name) {
+                return Err(index_error(format!(
+                    "tensor `{name}` is listed in {f} but that shard does not contain it"
+                )));
             }
         }
 

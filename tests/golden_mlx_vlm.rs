@@ -3,6 +3,7 @@
 //! --dtype float32/float16, and -q with every bits x group size. The goldens were made by
 //! fixtures/make_golden.py with mlx-vlm 0.7.10 / mlx 0.32.4 on the CPU.
 
+#[macro_use]
 mod common;
 use common::*;
 use serde_json::Value;
@@ -176,16 +177,4 @@ macro_rules! golden_test {
     )*};
 }
 
-golden_test!(
-    qwen2_vl,
-    qwen2_5_vl,
-    qwen3_vl,
-    llava,
-    llava_next,
-    llava_onevision,
-    idefics3,
-    smolvlm,
-    paligemma,
-    gemma3,
-    mistral3
-);
+for_each_fixture!(golden_test);

@@ -3,6 +3,7 @@
 //! logits must equal the ones mlx-vlm gives for its own conversion (recorded in
 //! fixtures/golden/mlx_vlm/<name>.logits.safetensors by fixtures/make_golden.py).
 
+#[macro_use]
 mod common;
 use common::*;
 
@@ -102,19 +103,7 @@ macro_rules! e2e {
     )*};
 }
 
-e2e!(
-    qwen2_vl,
-    qwen2_5_vl,
-    qwen3_vl,
-    llava,
-    llava_next,
-    llava_onevision,
-    idefics3,
-    smolvlm,
-    paligemma,
-    gemma3,
-    mistral3
-);
+for_each_fixture!(e2e);
 
 fn json_diffs(path: &str, a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     use serde_json::Value;

@@ -3,6 +3,7 @@
 //! Variants are fixtures/models/<name>/variants/*.json (config + tensor renames). That mlx-vlm reads
 //! the variants' config.json as the same model is checked through mlx-vlm itself in mlx_vlm_e2e.rs.
 
+#[macro_use]
 mod common;
 use common::*;
 
@@ -53,16 +54,4 @@ macro_rules! variant_tests {
     )*};
 }
 
-variant_tests!(
-    qwen2_vl,
-    qwen2_5_vl,
-    qwen3_vl,
-    llava,
-    llava_next,
-    llava_onevision,
-    idefics3,
-    smolvlm,
-    paligemma,
-    gemma3,
-    mistral3
-);
+for_each_fixture!(variant_tests);

@@ -216,3 +216,23 @@ pub fn variants(name: &str) -> Vec<String> {
         .map(|f| f.trim_end_matches(".json").to_string())
         .collect()
 }
+
+/// Invokes `$m!(name, ...)` with every fixture architecture: one test per architecture in each topic.
+#[macro_export]
+macro_rules! for_each_fixture {
+    ($m:ident) => {
+        $m!(
+            qwen2_vl,
+            qwen2_5_vl,
+            qwen3_vl,
+            llava,
+            llava_next,
+            llava_onevision,
+            idefics3,
+            smolvlm,
+            paligemma,
+            gemma3,
+            mistral3
+        );
+    };
+}

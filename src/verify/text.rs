@@ -1,0 +1,609 @@
+//! [`TextModel`]: the language model of a converted directory and its forward pass.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::mlx::fast::{self, Mask};
+use crate::mlx::{self, Array, Dtype};
+use crate::recipe::Recipe;
+
+use super::config::{self, ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig};
+use super::rope::{mrope_cos_sin, mrope_text_positions};
+use super::weights::{Embedding, Linear, Store};
+use super::{Precision, Result, VerifyError};
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    q_norm: Option<Array>,
+    k_norm: Option<Array>,
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+struct Layer {
+    input_norm: Array,
+    post_attn_norm: Array,
+    pre_ff_norm: Option<Array>,
+    post_ff_norm: Option<Array>,
+    attn: Attention,
+    mlp: Mlp,
+    spec: LayerSpec,
+}
+
+/// One captured hidden state (`[n, hidden_size]`, row-major, converted to float32).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HiddenState {
+    /// `embed` (after any embedding scale), `layer.<i>` (output of decoder layer i), `norm` (after the
+    /// final norm, the input of the head).
+    pub name: String,
+    pub shape: [usize; 2],
+    pub data: Vec<f32>,
+}
+
+/// The language model of a converted MLX directory.
+///
+/// Not `Send`: MLX arrays belong to the thread that made them (see [`crate::mlx::Array`]).
+pub struct TextModel {
+    dir: PathBuf,
+    precision: Precision,
+    prefix: String,
+    config: TextConfig,
+    arch: ArchSpec,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Array,
+    head: Head,
+}
+
+enum Head {
+    /// `embed_tokens.as_linear` (tied).
+    Tied,
+    Linear(Linear),
+}
+
+/// Finds the language model's name prefix (`language_model.model.` or `language_model.`) from the
+/// stored names: the one holding `layers.0.input_layernorm.weight`.
+fn detect_prefix<'a>(names: impl Iterator<Item = &'a String>) -> Option<String> {
+    let mut found: Vec<String> = names
+        .filter_map(|n| n.strip_suffix("layers.0.input_layernorm.weight"))
+        .filter(|p| p.starts_with("language_model."))
+        .map(str::to_string)
+        .collect();
+    found.sort();
+    found.dedup();
+    (found.len() == 1).then(|| found.remove(0))
+}
+
+impl TextModel {
+    /// Loads the language model of the converted directory `dir` (config.json + safetensors).
+    /// [`crate::mlx::init`] must have been called.
+    pub fn load(dir: &Path, precision: Precision) -> Result<TextModel> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read(&cfg_path).map_err(|e| crate::Error::read(&cfg_path, e))?;
+        let config: Value = serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
+            path: cfg_path.clone(),
+            msg: format!("invalid JSON: {e}"),
+        })?;
+        let recipe = Recipe::for_config(&config)?;
+        let store = Store::open(dir, &config, "language_model.", precision)?;
+        let werr = |msg: String| VerifyError::Weights {
+            dir: dir.to_path_buf(),
+            msg,
+        };
+        let prefix = detect_prefix(store.names()).ok_or_else(|| {
+            werr("no unique `language_model.…layers.0.input_layernorm.weight`: not a language model this \
+                  forward knows"
+                .into())
+        })?;
+        let embed_name = format!("{prefix}embed_tokens");
+        if let Some(head) = &recipe.head {
+            if head.embedding != format!("{embed_name}.weight") {
+                return Err(werr(format!(
+                    "the recipe {} names the embedding `{}` but the weights have `{embed_name}.weight`",
+                    recipe.name, head.embedding
+                )));
+            }
+        }
+
+        // Sizes from the stored shapes (quantized: rows of the packed weight; the scales give columns).
+        let rows = |name: &str| -> Result<usize> {
+            store
+                .shape(&format!("{name}.weight"))
+                .and_then(|s| s.first().copied())
+                .ok_or_else(|| werr(format!("tensor `{name}.weight` is missing")))
+        };
+        let embed_shape = store
+            .shape(&format!("{embed_name}.weight"))
+            .ok_or_else(|| werr(format!("tensor `{embed_name}.weight` is missing")))?
+            .to_vec();
+        let hidden_size = match store.shape(&format!("{embed_name}.scales")) {
+            // Packed: the true width is the last dim of the dequantized rows; take it from the norm.
+            Some(_) => rows(&format!("{prefix}norm"))?,
+            None => embed_shape[1],
+        };
+        let num_layers = {
+            let mut n = 0;
+            while store.has(&format!("{prefix}layers.{n}.input_layernorm.weight")) {
+                n += 1;
+            }
+            n
+        };
+        let l0 = format!("{prefix}layers.0.");
+        let facts = config::WeightFacts {
+            vocab_size: embed_shape[0],
+            hidden_size,
+            num_layers,
+            q_out: rows(&format!("{l0}self_attn.q_proj"))?,
+            k_out: rows(&format!("{l0}self_attn.k_proj"))?,
+            intermediate: rows(&format!("{l0}mlp.gate_proj"))?,
+            qk_norm: store.has(&format!("{l0}self_attn.q_norm.weight")),
+            attn_bias: store.has(&format!("{l0}self_attn.q_proj.bias")),
+        };
+        let (cfg, arch) = config::resolve(&config, &recipe, &facts, &cfg_path)?;
+
+        let plus_one = arch.norm_plus_one;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for (i, spec) in arch.layers.iter().enumerate() {
+            let p = format!("{prefix}layers.{i}.");
+            let opt_norm = |name: &str| -> Result<Option<Array>> {
+                let n = format!("{p}{name}.weight");
+                if store.has(&n) {
+                    Ok(Some(store.norm(&n, plus_one)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let (pre_ff_norm, post_ff_norm) = if arch.sandwich_norms {
+                (
+                    Some(store.norm(&format!("{p}pre_feedforward_layernorm.weight"), plus_one)?),
+                    Some(store.norm(&format!("{p}post_feedforward_layernorm.weight"), plus_one)?),
+                )
+            } else {
+                (None, None)
+            };
+            let (q_norm, k_norm) = if arch.qk_norm {
+                (opt_norm("self_attn.q_norm")?, opt_norm("self_attn.k_norm")?)
+            } else {
+                (None, None)
+            };
+            if arch.qk_norm && (q_norm.is_none() || k_norm.is_none()) {
+                return Err(werr(format!("layer {i} lacks self_attn.q_norm / k_norm")));
+            }
+            layers.push(Layer {
+                input_norm: store.norm(&format!("{p}input_layernorm.weight"), plus_one)?,
+                post_attn_norm: store
+                    .norm(&format!("{p}post_attention_layernorm.weight"), plus_one)?,
+                pre_ff_norm,
+                post_ff_norm,
+                attn: Attention {
+                    q: store.linear(&format!("{p}self_attn.q_proj"))?,
+                    k: store.linear(&format!("{p}self_attn.k_proj"))?,
+                    v: store.linear(&format!("{p}self_attn.v_proj"))?,
+                    o: store.linear(&format!("{p}self_attn.o_proj"))?,
+                    q_norm,
+                    k_norm,
+                },
+                mlp: Mlp {
+                    gate: store.linear(&format!("{p}mlp.gate_proj"))?,
+                    up: store.linear(&format!("{p}mlp.up_proj"))?,
+                    down: store.linear(&format!("{p}mlp.down_proj"))?,
+                },
+                spec: *spec,
+            });
+        }
+        let embed = store.embedding(&embed_name)?;
+        let norm = store.norm(&format!("{prefix}norm.weight"), plus_one)?;
+
+        // The head: a stored `lm_head` (weight, or only scales/biases when it aliases the embedding's
+        // weight, as mlx-vlm's Gemma 3 loader does), else the tied embedding.
+        let head_name = "language_model.lm_head";
+        let head = if store.has(&format!("{head_name}.weight")) {
+            Head::Linear(store.linear(head_name)?)
+        } else if store.has(&format!("{head_name}.scales")) {
+            Head::Linear(store.linear_from(head_name, &embed_name, head_name)?)
+        } else {
+            Head::Tied
+        };
+        let head_rows = match &head {
+            Head::Tied => embed.rows()?,
+            Head::Linear(l) => l.out_features()?,
+        };
+        if head_rows != cfg.vocab_size {
+            return Err(werr(format!(
+                "the head has {head_rows} rows but the embedding {}",
+                cfg.vocab_size
+            )));
+        }
+
+        Ok(TextModel {
+            dir: dir.to_path_buf(),
+            precision,
+            prefix,
+            config: cfg,
+            arch,
+            embed,
+            layers,
+            norm,
+            head,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// The language model's weight-name prefix (`language_model.model.` or `language_model.`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    pub fn arch(&self) -> &ArchSpec {
+        &self.arch
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    /// Logits `[n, vocab]` (row-major, float32) for a whole prompt, every position, as mlx-vlm's
+    /// forward on a text-only prompt (causal, or bidirectional where mlx-vlm runs the prompt as a
+    /// prefix: PaliGemma).
+    pub fn logits(&self, input_ids: &[i32]) -> Result<Vec<f32>> {
+        self.logits_at(input_ids, None)
+    }
+
+    /// [`TextModel::logits`] with explicit M-RoPE positions (`[t, h, w]` per token, e.g. for image
+    /// tokens of Qwen2-VL); `None` is the text-only `[i, i, i]`. Only M-RoPE models accept positions.
+    pub fn logits_at(&self, input_ids: &[i32], positions: Option<&[[i64; 3]]>) -> Result<Vec<f32>> {
+        let (logits, _) = self.run(input_ids, positions, false)?;
+        Ok(logits.to_vec_f32()?)
+    }
+
+    /// The hidden states of a prompt: the (scaled) embeddings, the output of every decoder layer, and
+    /// the final norm's output, for finding the first layer where two models diverge.
+    pub fn hidden_states(&self, input_ids: &[i32]) -> Result<Vec<HiddenState>> {
+        let (_, states) = self.run(input_ids, None, true)?;
+        let n = input_ids.len();
+        let d = self.config.hidden_size;
+        let count = states.len();
+        states
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let name = if i == 0 {
+                    "embed".to_string()
+                } else if i + 1 == count {
+                    "norm".to_string()
+                } else {
+                    format!("layer.{}", i - 1)
+                };
+                Ok(HiddenState {
+                    name,
+                    shape: [n, d],
+                    data: a
+                        .astype(Dtype::F32)?
+                        .reshape(&[n as i32, d as i32])?
+                        .to_vec_f32()?,
+                })
+            })
+            .collect()
+    }
+
+    /// The forward pass: logits `[n, vocab]` float32 (lazy) and, with `capture`, the hidden states.
+    fn run(
+        &self,
+        ids: &[i32],
+        positions: Option<&[[i64; 3]]>,
+        capture: bool,
+    ) -> Result<(Array, Vec<Array>)> {
+        let n = ids.len();
+        if n == 0 {
+            return Err(VerifyError::BadInput("empty prompt".into()));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+            return Err(VerifyError::BadInput(format!(
+                "token id {bad} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        if let Some(p) = positions {
+            if p.len() != n {
+                return Err(VerifyError::BadInput(format!(
+                    "{} positions for {n} tokens",
+                    p.len()
+                )));
+            }
+            if !matches!(self.arch.rope, RopeKind::Mrope { .. }) {
+                return Err(VerifyError::BadInput(format!(
+                    "explicit positions need an M-RoPE model; {} uses ordinary rope",
+                    self.arch.family
+                )));
+            }
+        }
+        let arch = &self.arch;
+        let ids_arr = Array::from_slice(ids, &[1, n])?;
+        let mut h = self.embed.lookup(&ids_arr)?;
+        if arch.embeds_to_norm_dtype {
+            h = h.astype(self.norm.dtype()?)?;
+        }
+        let dtype = h.dtype()?;
+        let sqrt_hidden = (self.config.hidden_size as f64).sqrt() as f32;
+        match arch.embed_scale {
+            EmbedScale::None => {}
+            EmbedScale::SqrtHidden => h = h.multiply(&Array::scalar(sqrt_hidden, dtype)?)?,
+            EmbedScale::SqrtHiddenBf16 => {
+                let c = Array::scalar(sqrt_hidden, Dtype::BF16)?.astype(dtype)?;
+                h = h.multiply(&c)?;
+            }
+        }
+        let mut states = Vec::new();
+        if capture {
+            states.push(h.try_clone()?);
+        }
+
+        let rope_tables = match &arch.rope {
+            RopeKind::Mrope {
+                section,
+                style,
+                base,
+            } => {
+                let text_pos;
+                let pos = match positions {
+                    Some(p) => p,
+                    None => {
+                        text_pos = mrope_text_positions(n);
+                        &text_pos
+                    }
+                };
+                Some(mrope_cos_sin(
+                    pos,
+                    self.config.head_dim,
+                    *base,
+                    section,
+                    *style,
+                    dtype,
+                )?)
+            }
+            RopeKind::Fast { .. } => None,
+        };
+        let ctx = Ctx {
+            cfg: &self.config,
+            arch,
+            n,
+            rope_tables: rope_tables.as_ref(),
+        };
+        for layer in &self.layers {
+            h = layer.forward(&h, &ctx)?;
+            if capture {
+                states.push(h.try_clone()?);
+            }
+        }
+        let h = fast::rms_norm(&h, Some(&self.norm), self.config.rms_norm_eps)?;
+        if capture {
+            states.push(h.try_clone()?);
+        }
+        let mut logits = match &self.head {
+            Head::Tied => self.embed.as_linear(&h)?,
+            Head::Linear(l) => l.forward(&h)?,
+        };
+        if let Some(cap) = arch.final_logit_softcap {
+            let c = Array::scalar(cap, logits.dtype()?)?;
+            logits = logits.divide(&c)?.tanh()?.multiply(&c)?;
+        }
+        let logits = logits
+            .reshape(&[n as i32, vocab as i32])?
+            .astype(Dtype::F32)?;
+        let mut all: Vec<&Array> = vec![&logits];
+        all.extend(states.iter());
+        mlx::eval(&all)?;
+        Ok((logits, states))
+    }
+}
+
+/// What every layer needs for one forward pass.
+struct Ctx<'a> {
+    cfg: &'a TextConfig,
+    arch: &'a ArchSpec,
+    n: usize,
+    rope_tables: Option<&'a (Array, Array)>,
+}
+
+impl Ctx<'_> {
+    fn norm(&self, x: &Array, w: &Array) -> Result<Array> {
+        Ok(fast::rms_norm(x, Some(w), self.cfg.rms_norm_eps)?)
+    }
+
+    /// Gemma 3's float16 guard: `clip(x.f32, -f16::MAX, f16::MAX).f16`; identity for other dtypes.
+    fn clip(&self, x: Array) -> Result<Array> {
+        if !self.arch.clip_f16_residual || x.dtype()? != Dtype::F16 {
+            return Ok(x);
+        }
+        let bound = half::f16::MAX.to_f32();
+        let lo = Array::scalar(-bound, Dtype::F32)?;
+        let hi = Array::scalar(bound, Dtype::F32)?;
+        Ok(x.astype(Dtype::F32)?
+            .clip(Some(&lo), Some(&hi))?
+            .astype(Dtype::F16)?)
+    }
+}
+
+/// `x[..., start:stop]` on the last axis of a 4-d array.
+fn last_axis(x: &Array, start: i32, stop: i32) -> Result<Array> {
+    let s = x.shape()?;
+    let mut lo = vec![0i32; s.len()];
+    let mut hi: Vec<i32> = s.iter().map(|&d| d as i32).collect();
+    let last = s.len() - 1;
+    lo[last] = start;
+    hi[last] = stop;
+    Ok(x.slice(&lo, &hi, &vec![1; s.len()])?)
+}
+
+/// `q * cos + rotate_half(q) * sin` in `q`'s dtype (mlx-vlm `_apply_rotary_embedding`).
+fn apply_mrope(x: &Array, cos: &Array, sin: &Array, head_dim: usize) -> Result<Array> {
+    let half = (head_dim / 2) as i32;
+    let x1 = last_axis(x, 0, half)?;
+    let x2 = last_axis(x, half, 2 * half)?;
+    let rot = mlx::concatenate(&[&x2.negative()?, &x1], -1)?;
+    let out = x.multiply(cos)?.add(&rot.multiply(sin)?)?;
+    Ok(out.astype(x.dtype()?)?)
+}
+
+/// The sliding-window mask `(i >= j) & (i < j + window)` as a bool `[n, n]` array.
+fn window_mask(n: usize, window: usize) -> Result<Array> {
+    let mut m = vec![0u8; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            m[i * n + j] = u8::from(i >= j && i < j + window);
+        }
+    }
+    Ok(Array::from_bytes(&m, &[n, n], Dtype::Bool)?)
+}
+
+impl Layer {
+    fn forward(&self, x: &Array, ctx: &Ctx<'_>) -> Result<Array> {
+        let x = ctx.clip(x.try_clone()?)?;
+        let r = self.attention(&ctx.norm(&x, &self.input_norm)?, ctx)?;
+        match (&self.pre_ff_norm, &self.post_ff_norm) {
+            (Some(pre), Some(post)) => {
+                let h = ctx.clip(x.add(&ctx.norm(&r, &self.post_attn_norm)?)?)?;
+                let r = self.mlp(&ctx.norm(&h, pre)?, ctx.arch.act)?;
+                ctx.clip(h.add(&ctx.norm(&r, post)?)?)
+            }
+            _ => {
+                let h = x.add(&r)?;
+                let r = self.mlp(&ctx.norm(&h, &self.post_attn_norm)?, ctx.arch.act)?;
+                Ok(h.add(&r)?)
+            }
+        }
+    }
+
+    fn mlp(&self, x: &Array, act: ActKind) -> Result<Array> {
+        let g = self.mlp.gate.forward(x)?;
+        let g = match act {
+            ActKind::Silu => g.silu()?,
+            ActKind::GeluApprox => g.gelu_approx()?,
+            ActKind::Gelu => g.gelu()?,
+        };
+        let u = self.mlp.up.forward(x)?;
+        self.mlp.down.forward(&g.multiply(&u)?)
+    }
+
+    fn attention(&self, x: &Array, ctx: &Ctx<'_>) -> Result<Array> {
+        let cfg = ctx.cfg;
+        let arch = ctx.arch;
+        let (n, hd) = (ctx.n as i32, cfg.head_dim as i32);
+        let (nh, nkv) = (
+            cfg.num_attention_heads as i32,
+            cfg.num_key_value_heads as i32,
+        );
+        let a = &self.attn;
+        let mut q = a.q.forward(x)?.reshape(&[1, n, nh, hd])?;
+        let mut k = a.k.forward(x)?.reshape(&[1, n, nkv, hd])?;
+        let v = a.v.forward(x)?.reshape(&[1, n, nkv, hd])?;
+        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+            q = ctx.norm(&q, qn)?;
+            k = ctx.norm(&k, kn)?;
+        }
+        let perm = [0, 2, 1, 3];
+        let (mut q, mut k, v) = (
+            q.transpose(&perm)?,
+            k.transpose(&perm)?,
+            v.transpose(&perm)?,
+        );
+        match (&arch.rope, ctx.rope_tables) {
+            (RopeKind::Mrope { .. }, Some((cos, sin))) => {
+                q = apply_mrope(&q, cos, sin, cfg.head_dim)?;
+                k = apply_mrope(&k, cos, sin, cfg.head_dim)?;
+            }
+            (RopeKind::Fast { traditional }, _) => {
+                let s = &self.spec;
+                q = fast::rope(&q, hd, *traditional, s.rope_base, s.rope_scale, 0)?;
+                k = fast::rope(&k, hd, *traditional, s.rope_base, s.rope_scale, 0)?;
+            }
+            (RopeKind::Mrope { .. }, None) => {
+                return Err(VerifyError::BadInput("M-RoPE tables missing".into()))
+            }
+        }
+        let window = self.spec.sliding_window.filter(|&w| ctx.n > w);
+        let wmask = match window {
+            Some(w) if arch.causal => Some(window_mask(ctx.n, w)?),
+            _ => None,
+        };
+        let out = if arch.eager_attention {
+            eager_attention(&q, &k, &v, ctx, wmask.as_ref())?
+        } else {
+            let mask = match (&wmask, arch.causal) {
+                (Some(m), _) => Mask::Array(m),
+                (None, true) => Mask::Causal,
+                (None, false) => Mask::None,
+            };
+            fast::scaled_dot_product_attention(&q, &k, &v, arch.attn_scale, mask)?
+        };
+        let out = out.transpose(&perm)?.reshape(&[1, n, nh * hd])?;
+        a.o.forward(&out)
+    }
+}
+
+/// mlx-vlm's explicit attention (PaliGemma's Gemma 2 path): `q * scale`, scores in float32, optional
+/// `tanh` soft-capping, additive mask, precise softmax cast back to the queries' dtype, `@ v`. Grouped
+/// heads are broadcast rather than repeated (same products).
+fn eager_attention(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    ctx: &Ctx<'_>,
+    window: Option<&Array>,
+) -> Result<Array> {
+    let cfg = ctx.cfg;
+    let (n, hd) = (ctx.n as i32, cfg.head_dim as i32);
+    let nkv = cfg.num_key_value_heads as i32;
+    let rep = (cfg.num_attention_heads / cfg.num_key_value_heads) as i32;
+    let dtype = q.dtype()?;
+    let q = q
+        .multiply(&Array::scalar(ctx.arch.attn_scale, dtype)?)?
+        .reshape(&[1, nkv, rep, n, hd])?;
+    let k = k.reshape(&[1, nkv, 1, n, hd])?;
+    let v = v.reshape(&[1, nkv, 1, n, hd])?;
+    let mut scores = q
+        .astype(Dtype::F32)?
+        .matmul(&k.astype(Dtype::F32)?.transpose(&[0, 1, 2, 4, 3])?)?;
+    if let Some(cap) = ctx.arch.attn_logit_softcap {
+        let c = Array::scalar(cap, Dtype::F32)?;
+        scores = scores.divide(&c)?.tanh()?.multiply(&c)?;
+    }
+    if ctx.arch.causal {
+        // (1 - mask) * finfo(f32).min, as mlx-vlm turns a boolean mask into an additive one.
+        let nn = ctx.n;
+        let allowed = match window {
+            Some(_) => {
+                return Err(VerifyError::Unsupported(
+                    "sliding windows with explicit attention".into(),
+                ))
+            }
+            None => (0..nn * nn).map(|i| i / nn >= i % nn).collect::<Vec<_>>(),
+        };
+        let add: Vec<f32> = allowed
+            .iter()
+            .map(|&ok| if ok { 0.0 } else { f32::MIN })
+            .collect();
+        scores = scores.add(&Array::from_slice(&add, &[nn, nn])?)?;
+    }
+    let p = scores.softmax(&[-1], true)?.astype(dtype)?;
+    Ok(p.matmul(&v)?.reshape(&[1, nkv * rep, n, hd])?)
+}
