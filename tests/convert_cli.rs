@@ -763,3 +763,51 @@ fn weights_the_group_size_does_not_divide_stay_float_and_are_reported() {
     let d = tensor_digests(&out);
     assert_eq!(d[down].0, "U32", "at group size 32 down_proj quantizes");
 }
+
+#[test]
+fn output_is_deterministic_across_runs_and_thread_counts() {
+    let t = tmp();
+    let mut outs = Vec::new();
+    for (i, threads) in ["1", "2", "1"].iter().enumerate() {
+        // Same relative output name (the model card names it), different parent directories.
+        let cwd = t.path().join(format!("run{i}"));
+        std::fs::create_dir(&cwd).unwrap();
+        let res = bin()
+            .current_dir(&cwd)
+            .args([
+                "--hf-path",
+                s(&fixture("qwen2_5_vl")),
+                "--mlx-path",
+                "out",
+                "-q",
+                "--q-bits",
+                "3",
+                "--quiet",
+            ])
+            .env("RAYON_NUM_THREADS", threads)
+            .output()
+            .unwrap();
+        assert!(
+            res.status.success(),
+            "{}",
+            String::from_utf8_lossy(&res.stderr)
+        );
+        outs.push(cwd.join("out"));
+    }
+    let digest = |p: &Path| {
+        hex(&<sha2::Sha256 as sha2::Digest>::digest(
+            std::fs::read(p).unwrap(),
+        ))
+    };
+    let files = listing(&outs[0]);
+    for o in &outs[1..] {
+        assert_eq!(listing(o), files);
+        for f in &files {
+            assert_eq!(
+                digest(&outs[0].join(f)),
+                digest(&o.join(f)),
+                "{f} differs between runs"
+            );
+        }
+    }
+}

@@ -457,3 +457,21 @@ save()
     edit_with_python(&dir, &edit, s(&plain));
     matches_live("qwen2_vl mixed 4/8/float", &dir, &golden, t.path());
 }
+
+/// Other stored dtypes than the fixtures' own: float16 (Gemma 3's f16 residual clipping; q/k/v biases
+/// in f16) and float32 (biases through float32 addmm).
+#[test]
+fn other_dtypes_match_mlx_vlm() {
+    vlm_convert::mlx::init().expect("mlx::init");
+    for (arch, dtype) in [
+        ("gemma3", "float16"),
+        ("qwen2_5_vl", "float16"),
+        ("qwen2_vl", "float32"),
+    ] {
+        let golden = root().join(format!("fixtures/golden/mlx_vlm/{arch}.logits.safetensors"));
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("m");
+        convert(arch, &dir, &["--dtype", dtype]);
+        matches_live(&format!("{arch} {dtype}"), &dir, &golden, t.path());
+    }
+}
