@@ -93,6 +93,12 @@ pub struct ConvertArgs {
     /// Replace an existing --mlx-path.
     #[arg(long)]
     pub force: bool,
+    /// Convert even if weights hold NaN or infinity (refused by default).
+    #[arg(long = "allow-nonfinite")]
+    pub allow_nonfinite: bool,
+    /// Also copy the repo's *.py files (custom model code) to the output. vlm-convert never runs them.
+    #[arg(long = "copy-remote-code")]
+    pub copy_remote_code: bool,
 }
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1024` (bytes).
@@ -254,6 +260,8 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         base_model: &base_model,
         command: &command,
         quiet: a.quiet || a.json,
+        allow_nonfinite: a.allow_nonfinite,
+        copy_remote_code: a.copy_remote_code,
         cancel,
     };
     let stats = write_output(&source, &plan, &spec)?;

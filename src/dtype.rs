@@ -207,6 +207,37 @@ pub fn cast_into(src: &[u8], from: DType, to: DType, out: &mut Vec<u8>) {
     }
 }
 
+/// Index of the first NaN or infinity in a little-endian float buffer, if any. Works on the bit
+/// patterns (exponent all ones), so it vectorizes and costs a fraction of a memory pass.
+pub fn first_nonfinite(src: &[u8], dt: DType) -> Option<usize> {
+    fn scan<const N: usize>(src: &[u8], mask: u64) -> Option<usize> {
+        let word = |c: &[u8]| {
+            let mut b = [0u8; 8];
+            b[..N].copy_from_slice(c);
+            u64::from_le_bytes(b)
+        };
+        // Fast path: chunks without a hit are skipped with a branch-free OR-reduction.
+        const BLOCK: usize = 256;
+        for (bi, block) in src.chunks(BLOCK * N).enumerate() {
+            let any = block
+                .chunks_exact(N)
+                .fold(false, |acc, c| acc | (word(c) & mask == mask));
+            if any {
+                let i = block.chunks_exact(N).position(|c| word(c) & mask == mask)?;
+                return Some(bi * BLOCK + i);
+            }
+        }
+        None
+    }
+    match dt {
+        DType::BF16 => scan::<2>(src, 0x7F80),
+        DType::F16 => scan::<2>(src, 0x7C00),
+        DType::F32 => scan::<4>(src, 0x7F80_0000),
+        DType::F64 => scan::<8>(src, 0x7FF0_0000_0000_0000),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,6 +276,30 @@ mod tests {
             bf16::from_bits(u16::from_le_bytes([out[0], out[1]])).to_f32(),
             1.0 + 2f32.powi(-6)
         );
+    }
+
+    #[test]
+    fn finds_nan_and_inf_only() {
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        assert_eq!(
+            first_nonfinite(&f32s(&[1.0, f32::MAX, -0.0, f32::MIN_POSITIVE]), DType::F32),
+            None
+        );
+        let mut v = vec![0.5f32; 1000];
+        v[777] = f32::NAN;
+        assert_eq!(first_nonfinite(&f32s(&v), DType::F32), Some(777));
+        v[3] = f32::NEG_INFINITY;
+        assert_eq!(first_nonfinite(&f32s(&v), DType::F32), Some(3));
+        let bf: Vec<u8> = [1.0f32, 2.0, f32::INFINITY]
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes())
+            .collect();
+        assert_eq!(first_nonfinite(&bf, DType::BF16), Some(2));
+        let h: Vec<u8> = [65504.0f32, 1.0]
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_bits().to_le_bytes())
+            .collect();
+        assert_eq!(first_nonfinite(&h, DType::F16), None);
     }
 
     #[test]

@@ -112,6 +112,15 @@ pub enum Error {
         source: crate::quant::QuantError,
     },
 
+    #[error("tensor `{tensor}` ({file}) has a {what} at element {index}{cast}; a model with NaN/Inf weights computes garbage. Pass --allow-nonfinite to convert it anyway")]
+    NonFinite {
+        tensor: String,
+        file: PathBuf,
+        index: usize,
+        what: &'static str,
+        cast: String,
+    },
+
     #[error("interrupted; the partial output was removed")]
     Interrupted,
 }

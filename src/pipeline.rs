@@ -34,6 +34,10 @@ pub struct OutputSpec<'a> {
     /// The command line, for the model card and manifest.
     pub command: &'a str,
     pub quiet: bool,
+    /// Convert tensors holding NaN/Inf instead of refusing them.
+    pub allow_nonfinite: bool,
+    /// Also copy the repo's `*.py` files (remote code). Never imported or run by us.
+    pub copy_remote_code: bool,
     pub cancel: Arc<AtomicBool>,
 }
 
@@ -148,7 +152,12 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
     write_json(&staging_dir.join("config.json"), &config)?;
     files.push("config.json".into());
 
-    for p in &source.sidecars {
+    let remote_code = if spec.copy_remote_code {
+        source.remote_code()?
+    } else {
+        Vec::new()
+    };
+    for p in source.sidecars.iter().chain(&remote_code) {
         let name = p.file_name().expect("sidecar has a name");
         let dest = staging_dir.join(name);
         std::fs::copy(p, &dest).map_err(|e| Error::write(&dest, e))?;
@@ -291,6 +300,24 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
             } else {
                 src
             };
+            // Checked after the cast: an f32 weight can overflow to inf in f16.
+            if !spec.allow_nonfinite {
+                if let Some(i) = crate::dtype::first_nonfinite(data, t.dtype) {
+                    let elem = job.rows.start * k + i;
+                    let v = crate::dtype::read_f32(data, t.dtype, i);
+                    return Err(Error::NonFinite {
+                        tensor: t.source.clone(),
+                        file: source.shard_path(st).to_path_buf(),
+                        index: elem,
+                        what: if v.is_nan() { "NaN" } else { "infinity" },
+                        cast: if t.dtype != t.source_dtype && crate::dtype::first_nonfinite(src, t.source_dtype).is_none() {
+                            format!(" after casting {} to {} (out of range: try --dtype float32 or bfloat16)", t.source_dtype, t.dtype)
+                        } else {
+                            String::new()
+                        },
+                    });
+                }
+            }
             match t.quant {
                 None => {
                     let o = &t.outputs[0];

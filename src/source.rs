@@ -202,6 +202,16 @@ impl Source {
         })
     }
 
+    /// The repo's Python files (custom modelling/processing code), for `--copy-remote-code`. They are
+    /// only ever copied, never imported or executed.
+    pub fn remote_code(&self) -> Result<Vec<PathBuf>> {
+        let root = allowed_root(&self.canonical_dir);
+        list_files(&self.dir, |n| n.ends_with(".py"))?
+            .iter()
+            .map(|n| checked_path(&self.dir, &root, n))
+            .collect()
+    }
+
     /// Whether every shard was written by MLX (an already-converted directory).
     pub fn is_mlx(&self) -> bool {
         !self.shards.is_empty() && self.shards.iter().all(|s| s.is_mlx())

@@ -811,3 +811,118 @@ fn output_is_deterministic_across_runs_and_thread_counts() {
         }
     }
 }
+
+/// The fixture with one weight element replaced by `value` (f32 bits written as the tensor's dtype).
+fn with_poisoned_weight(dst: &Path, value: f32) -> String {
+    copy_dir(&fixture(FIX), dst);
+    let p = dst.join("model.safetensors");
+    let f = vlm_convert::shard::SafetensorsFile::open(&p).unwrap();
+    let target = "model.layers.1.mlp.up_proj.weight".to_string();
+    let mut items: Vec<_> = f
+        .tensors
+        .iter()
+        .map(|(n, i)| (n.clone(), i.clone(), f.data(i).to_vec()))
+        .collect();
+    for (n, info, bytes) in items.iter_mut() {
+        if *n == target {
+            assert_eq!(info.dtype, vlm_convert::dtype::DType::BF16);
+            let bits = half::bf16::from_f32(value).to_bits().to_le_bytes();
+            bytes[20..22].copy_from_slice(&bits);
+        }
+    }
+    let meta = f.metadata.clone();
+    drop(f);
+    write_safetensors(&p, &meta, &items);
+    target
+}
+
+#[test]
+fn nan_and_inf_weights_are_refused_unless_allowed() {
+    let t = tmp();
+    for (i, v) in [f32::NAN, f32::INFINITY].into_iter().enumerate() {
+        let src = t.path().join(format!("src{i}"));
+        let target = with_poisoned_weight(&src, v);
+        let out = t.path().join("out");
+        let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out), "-q"]);
+        assert_eq!(code, 3, "{stderr}");
+        assert!(
+            stderr.contains(&target)
+                && stderr.contains("element 10")
+                && stderr.contains("--allow-nonfinite"),
+            "{stderr}"
+        );
+        assert_no_output(t.path(), &out);
+        let (code, _, stderr) = run(&[
+            "--hf-path",
+            s(&src),
+            "--mlx-path",
+            s(&out),
+            "--allow-nonfinite",
+            "--quiet",
+        ]);
+        assert_eq!(code, 0, "{stderr}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+    // In range for bf16 but not for f16: the cast overflows, and the message says so.
+    let src = t.path().join("big");
+    with_poisoned_weight(&src, 1e6);
+    let out = t.path().join("out16");
+    let (code, _, stderr) = run(&[
+        "--hf-path",
+        s(&src),
+        "--mlx-path",
+        s(&out),
+        "--dtype",
+        "float16",
+    ]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("after casting BF16 to F16"), "{stderr}");
+}
+
+#[test]
+fn python_files_are_copied_only_on_request() {
+    let t = tmp();
+    let src = t.path().join("src");
+    copy_dir(&fixture(FIX), &src);
+    std::fs::write(
+        src.join("modeling_custom.py"),
+        "raise SystemExit('never run me')\n",
+    )
+    .unwrap();
+    let (a, b) = (t.path().join("a"), t.path().join("b"));
+    assert_eq!(
+        run(&["--hf-path", s(&src), "--mlx-path", s(&a), "--quiet"]).0,
+        0
+    );
+    assert!(!a.join("modeling_custom.py").exists());
+    assert_eq!(
+        run(&[
+            "--hf-path",
+            s(&src),
+            "--mlx-path",
+            s(&b),
+            "--quiet",
+            "--copy-remote-code"
+        ])
+        .0,
+        0
+    );
+    assert_eq!(
+        std::fs::read(b.join("modeling_custom.py")).unwrap(),
+        std::fs::read(src.join("modeling_custom.py")).unwrap()
+    );
+}
+
+#[test]
+fn an_unwritable_output_location_is_a_write_error() {
+    let t = tmp();
+    let blocker = t.path().join("a_file");
+    std::fs::write(&blocker, "x").unwrap();
+    let out = blocker.join("out");
+    let (code, _, stderr) = run(&["--hf-path", s(&fixture(FIX)), "--mlx-path", s(&out)]);
+    assert_eq!(code, 5, "{stderr}");
+    assert!(
+        stderr.contains("cannot write") && stderr.contains("a_file"),
+        "{stderr}"
+    );
+}

@@ -278,7 +278,16 @@ impl TextModel {
     /// The hidden states of a prompt: the (scaled) embeddings, the output of every decoder layer, and
     /// the final norm's output, for finding the first layer where two models diverge.
     pub fn hidden_states(&self, input_ids: &[i32]) -> Result<Vec<HiddenState>> {
-        let (_, states) = self.run(input_ids, None, true)?;
+        self.hidden_states_at(input_ids, None)
+    }
+
+    /// [`TextModel::hidden_states`] with explicit M-RoPE positions (see [`TextModel::logits_at`]).
+    pub fn hidden_states_at(
+        &self,
+        input_ids: &[i32],
+        positions: Option<&[[i64; 3]]>,
+    ) -> Result<Vec<HiddenState>> {
+        let (_, states) = self.run(input_ids, positions, true)?;
         let n = input_ids.len();
         let d = self.config.hidden_size;
         let count = states.len();
