@@ -210,30 +210,31 @@ pub fn cast_into(src: &[u8], from: DType, to: DType, out: &mut Vec<u8>) {
 /// Index of the first NaN or infinity in a little-endian float buffer, if any. Works on the bit
 /// patterns (exponent all ones), so it vectorizes and costs a fraction of a memory pass.
 pub fn first_nonfinite(src: &[u8], dt: DType) -> Option<usize> {
-    fn scan<const N: usize>(src: &[u8], mask: u64) -> Option<usize> {
-        let word = |c: &[u8]| {
-            let mut b = [0u8; 8];
-            b[..N].copy_from_slice(c);
-            u64::from_le_bytes(b)
-        };
-        // Fast path: chunks without a hit are skipped with a branch-free OR-reduction.
-        const BLOCK: usize = 256;
-        for (bi, block) in src.chunks(BLOCK * N).enumerate() {
-            let any = block
-                .chunks_exact(N)
-                .fold(false, |acc, c| acc | (word(c) & mask == mask));
-            if any {
-                let i = block.chunks_exact(N).position(|c| word(c) & mask == mask)?;
-                return Some(bi * BLOCK + i);
+    // Blocks without a hit are skipped with a branch-free OR-reduction the compiler vectorizes; only a
+    // block with a hit is searched element by element.
+    macro_rules! scan {
+        ($t:ty, $n:expr, $mask:expr) => {{
+            const BLOCK: usize = 512;
+            let word = |c: &[u8]| <$t>::from_le_bytes(c.try_into().expect("element width"));
+            for (bi, block) in src.chunks(BLOCK * $n).enumerate() {
+                let hit = block
+                    .chunks_exact($n)
+                    .fold(0u8, |acc, c| acc | u8::from(word(c) & $mask == $mask));
+                if hit != 0 {
+                    let i = block
+                        .chunks_exact($n)
+                        .position(|c| word(c) & $mask == $mask)?;
+                    return Some(bi * BLOCK + i);
+                }
             }
-        }
-        None
+            None
+        }};
     }
     match dt {
-        DType::BF16 => scan::<2>(src, 0x7F80),
-        DType::F16 => scan::<2>(src, 0x7C00),
-        DType::F32 => scan::<4>(src, 0x7F80_0000),
-        DType::F64 => scan::<8>(src, 0x7FF0_0000_0000_0000),
+        DType::BF16 => scan!(u16, 2, 0x7F80u16),
+        DType::F16 => scan!(u16, 2, 0x7C00u16),
+        DType::F32 => scan!(u32, 4, 0x7F80_0000u32),
+        DType::F64 => scan!(u64, 8, 0x7FF0_0000_0000_0000u64),
         _ => None,
     }
 }
