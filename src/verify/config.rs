@@ -114,16 +114,26 @@ pub struct ArchSpec {
     pub layers: Vec<LayerSpec>,
 }
 
-/// Where mlx-vlm reads the text model's fields, and its config classes' defaults, per top-level
-/// architecture.
+/// What differs between mlx-vlm's config classes and model wrappers of the top-level architectures
+/// (keyed by the top-level `model_type`): where the text fields are read, the dataclass defaults for
+/// fields config.json may omit, and a few wrapper behaviours.
 struct Defaults {
-    /// Read the text fields from the top level (Qwen2-VL, Qwen2.5-VL); else from `text_config`.
+    /// Read the text fields from the top level (the recipe's `flatten_text_config`: Qwen2-VL,
+    /// Qwen2.5-VL); else from `text_config`.
     top_level: bool,
     /// Fill fields missing from `text_config` from the top level (mlx-vlm's PaliGemma config).
     fill_from_top_level: bool,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
     num_attention_heads: Option<u64>,
+    /// The attention reads config.json `head_dim` (else `hidden_size / heads`, whatever the field says).
+    /// Gemma 2/3 and Qwen3 always read it.
+    reads_head_dim: bool,
+    /// `use_bidirectional_attention` when config.json does not say (PaliGemma: true, the prompt is a
+    /// prefix).
+    bidirectional_default: bool,
+    /// Input embeddings are cast to the final norm's dtype (Idefics3's text model).
+    embeds_to_norm_dtype: bool,
 }
 
 fn defaults(model_type: &str, flatten_text_config: bool) -> Defaults {
@@ -133,21 +143,34 @@ fn defaults(model_type: &str, flatten_text_config: bool) -> Defaults {
         rms_norm_eps: rms,
         rope_theta: theta,
         num_attention_heads: heads,
+        reads_head_dim: false,
+        bidirectional_default: false,
+        embeds_to_norm_dtype: false,
     };
     match model_type {
         "llava" => d(Some(1e-6), Some(10000.0), Some(32)),
         "llava_next" => d(Some(1e-5), Some(1_000_000.0), Some(32)),
         "llava_onevision" => d(Some(1e-6), Some(1_000_000.0), Some(14)),
-        "idefics3" | "smolvlm" => d(None, Some(1_000_000.0), None),
-        "mistral3" => d(None, None, None),
+        "idefics3" | "smolvlm" => Defaults {
+            embeds_to_norm_dtype: true,
+            ..d(None, Some(1_000_000.0), None)
+        },
+        "mistral3" => Defaults {
+            reads_head_dim: true,
+            ..d(None, None, None)
+        },
         "qwen2_vl" | "qwen2_5_vl" => d(None, Some(1_000_000.0), None),
         "qwen3_vl" => d(None, None, None),
         "paligemma" => Defaults {
             fill_from_top_level: true,
+            bidirectional_default: true,
             ..d(Some(1e-6), Some(10000.0), Some(16))
         },
         "gemma3" => d(Some(1e-6), None, Some(8)),
-        _ => d(None, None, None),
+        _ => Defaults {
+            reads_head_dim: true,
+            ..d(None, None, None)
+        },
     }
 }
 
@@ -367,12 +390,12 @@ pub(crate) fn resolve(
         Family::Gemma2 | Family::Gemma3 => 256,
         _ => hidden_size / num_attention_heads,
     };
-    let head_dim = match family {
-        // mlx-vlm derives the head size for these and ignores a `head_dim` field.
-        Family::Llama | Family::Qwen2Vl | Family::Gemma if model_type != "mistral3" => {
-            default_head_dim
-        }
-        _ => f.usize("head_dim")?.unwrap_or(default_head_dim),
+    let reads_head_dim =
+        defs.reads_head_dim || matches!(family, Family::Gemma2 | Family::Gemma3 | Family::Qwen3Vl);
+    let head_dim = if reads_head_dim {
+        f.usize("head_dim")?.unwrap_or(default_head_dim)
+    } else {
+        default_head_dim
     };
     if head_dim == 0 || num_attention_heads * head_dim != facts.q_out {
         return Err(f.err(format!(
@@ -434,7 +457,7 @@ pub(crate) fn resolve(
         attn_logit_softcap: None,
         final_logit_softcap: None,
         clip_f16_residual: false,
-        embeds_to_norm_dtype: matches!(model_type.as_str(), "idefics3" | "smolvlm"),
+        embeds_to_norm_dtype: defs.embeds_to_norm_dtype,
         layers: Vec::new(),
     };
 
@@ -491,7 +514,7 @@ pub(crate) fn resolve(
                     )))
                 }
             };
-            spec.causal = !f.bool_or("use_bidirectional_attention", model_type == "paligemma")?;
+            spec.causal = !f.bool_or("use_bidirectional_attention", defs.bidirectional_default)?;
             if family == Family::Gemma2 {
                 let scalar = f.f64_or("query_pre_attn_scalar", Some(256.0))?;
                 spec.attn_scale = (1.0 / scalar.sqrt()) as f32;

@@ -174,7 +174,7 @@ mod tests {
 
     #[test]
     fn selectors_match_mlx_vlm() {
-        // rope_utils._chunked_position_selector([4, 6, 6], 16) and _interleaved_position_selector([6, 5, 5], 16)
+        // mlx-vlm rope_utils._chunked_position_selector / _interleaved_position_selector
         assert_eq!(
             axis_selector(MropeStyle::Chunked, &[4, 6, 6], 16),
             [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]
@@ -185,7 +185,7 @@ mod tests {
         );
         assert_eq!(
             axis_selector(MropeStyle::Interleaved, &[24, 20, 20], 64)[58..],
-            [0, 1, 2, 0, 0, 0]
+            [1, 2, 0, 0, 0, 0]
         );
     }
 

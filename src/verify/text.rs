@@ -82,18 +82,43 @@ fn detect_prefix<'a>(names: impl Iterator<Item = &'a String>) -> Option<String> 
     (found.len() == 1).then(|| found.remove(0))
 }
 
+fn read_config(dir: &Path) -> Result<Value> {
+    let path = dir.join("config.json");
+    let text = std::fs::read(&path).map_err(|e| crate::Error::read(&path, e))?;
+    serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
+        path,
+        msg: format!("invalid JSON: {e}"),
+    })
+}
+
 impl TextModel {
     /// Loads the language model of the converted directory `dir` (config.json + safetensors).
     /// [`crate::mlx::init`] must have been called.
+    /// The built-in recipe is chosen by config.json's `model_type`, as the converter does.
     pub fn load(dir: &Path, precision: Precision) -> Result<TextModel> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read(&cfg_path).map_err(|e| crate::Error::read(&cfg_path, e))?;
-        let config: Value = serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-            path: cfg_path.clone(),
-            msg: format!("invalid JSON: {e}"),
-        })?;
+        let config = read_config(dir)?;
         let recipe = Recipe::for_config(&config)?;
-        let store = Store::open(dir, &config, "language_model.", precision)?;
+        TextModel::load_inner(dir, precision, &config, &recipe)
+    }
+
+    /// [`TextModel::load`] with an explicit recipe (the converter's `--recipe FILE`).
+    pub fn load_with_recipe(
+        dir: &Path,
+        precision: Precision,
+        recipe: &Recipe,
+    ) -> Result<TextModel> {
+        let config = read_config(dir)?;
+        TextModel::load_inner(dir, precision, &config, recipe)
+    }
+
+    fn load_inner(
+        dir: &Path,
+        precision: Precision,
+        config: &Value,
+        recipe: &Recipe,
+    ) -> Result<TextModel> {
+        let cfg_path = dir.join("config.json");
+        let store = Store::open(dir, config, "language_model.", precision)?;
         let werr = |msg: String| VerifyError::Weights {
             dir: dir.to_path_buf(),
             msg,
@@ -147,7 +172,7 @@ impl TextModel {
             qk_norm: store.has(&format!("{l0}self_attn.q_norm.weight")),
             attn_bias: store.has(&format!("{l0}self_attn.q_proj.bias")),
         };
-        let (cfg, arch) = config::resolve(&config, &recipe, &facts, &cfg_path)?;
+        let (cfg, arch) = config::resolve(config, recipe, &facts, &cfg_path)?;
 
         let plus_one = arch.norm_plus_one;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
