@@ -22,7 +22,7 @@ Exit codes:
   0    success
   1    verification failed
   2    bad command line
-  3    bad input checkpoint (missing/corrupt files, inconsistent index or config)
+  3    bad input checkpoint (missing/corrupt files, inconsistent index or config); `check` found problems
   4    unsupported architecture, or the recipe does not cover the checkpoint
   5    cannot write the output (exists without --force, inside the input, disk full, permissions)
   130  interrupted (SIGINT/SIGTERM); the partial output was removed";
@@ -46,6 +46,14 @@ pub struct Cli {
 pub enum Command {
     /// List the built-in recipes (supported architectures).
     Recipes {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate an MLX model directory (ours or anyone's): files, index, headers, quantized shapes.
+    Check {
+        /// The MLX model directory.
+        dir: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -134,6 +142,28 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 pub fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Some(Command::Recipes { json }) => list_recipes(json),
+        Some(Command::Check { dir, json }) => {
+            let r = crate::check::check_dir(&dir)?;
+            if json {
+                println!(
+                    "{}",
+                    pretty(&serde_json::to_value(&r).expect("report serializes"))
+                );
+            } else {
+                for p in &r.problems {
+                    println!("problem: {p}");
+                }
+                println!(
+                    "{}: {} file(s), {} tensors, {} quantized modules, {} problem(s)",
+                    dir.display(),
+                    r.files,
+                    r.tensors,
+                    r.quantized_modules,
+                    r.problems.len()
+                );
+            }
+            Ok(if r.ok() { exit::OK } else { exit::BAD_INPUT })
+        }
         None => convert(&cli.convert),
     }
 }

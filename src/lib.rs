@@ -6,6 +6,7 @@
 //! (rayon: read, transform, [`quant`]ize, write through [`shard`]) -> output directory with
 //! [`config`] rewritten. [`dtype`] and [`error`] are shared leaves; [`cli`] is the command line.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dtype;
