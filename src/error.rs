@@ -51,7 +51,9 @@ pub enum Error {
     #[error("{dir}: only PyTorch pickle weights ({files}); vlm-convert never loads pickle files (they can run code). Convert them to safetensors first, or use a repo revision that has *.safetensors")]
     PickleOnly { dir: PathBuf, files: String },
 
-    #[error("{0}: no *.safetensors weights found")]
+    #[error(
+        "{0}: no weights found (no *.safetensors files, or they and the index hold no tensors)"
+    )]
     NoWeights(PathBuf),
 
     #[error("{path}: invalid safetensors file: {msg}")]

@@ -172,6 +172,9 @@ impl Source {
             input_files.push(p);
             shards.push(shard);
         }
+        if tensors.is_empty() {
+            return Err(Error::NoWeights(dir.to_path_buf()));
+        }
         for (name, f) in weight_map.iter().flatten() {
             if !tensors.contains_key(name) {
                 return Err(index_error(format!(
