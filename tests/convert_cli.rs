@@ -926,3 +926,17 @@ fn an_unwritable_output_location_is_a_write_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn an_index_listing_no_tensors_is_refused() {
+    let t = tmp();
+    let src = t.path().join("src");
+    sharded_copy(&src);
+    let idx = src.join("model.safetensors.index.json");
+    std::fs::write(&idx, br#"{"metadata": {}, "weight_map": {}}"#).unwrap();
+    let out = t.path().join("out");
+    let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("no weights found"), "{stderr}");
+    assert_no_output(t.path(), &out);
+}
