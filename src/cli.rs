@@ -50,6 +50,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a converted model and compare it with reference logits or the original weights
+    /// (structure level in float32, quality level as mlx-vlm runs it); PASS exits 0, FAIL exits 1.
+    Verify(VerifyArgs),
     /// Validate an MLX model directory (ours or anyone's): files, index, headers, quantized shapes.
     Check {
         /// The MLX model directory.
@@ -59,6 +62,68 @@ pub enum Command {
         json: bool,
     },
 }
+
+/// Pass/fail limits of the verify stage (defaults per bit width; see `vlm-convert verify --help`).
+#[derive(Args, Debug, Default, Clone)]
+pub struct ThresholdArgs {
+    /// Structure level: largest |logit diff| allowed (float32 on both sides) [default: 1e-3].
+    #[arg(long = "max-structure-diff", value_name = "X")]
+    pub max_structure_diff: Option<f32>,
+    /// Quality level: largest mean KL(reference || converted) per prompt, nats [default: per bits].
+    #[arg(long = "max-kl", value_name = "X")]
+    pub max_kl: Option<f64>,
+    /// Quality level: smallest top-1 agreement, 0..1 [default: per bits].
+    #[arg(long = "min-top1", value_name = "X")]
+    pub min_top1: Option<f64>,
+    /// Quality level: smallest top-5 overlap, 0..1 [default: per bits].
+    #[arg(long = "min-top5", value_name = "X")]
+    pub min_top5: Option<f64>,
+    /// Greedy tokens generated per prompt (reported side by side with the reference's).
+    #[arg(long = "new-tokens", value_name = "N", default_value_t = 8)]
+    pub new_tokens: usize,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = VERIFY_HELP)]
+pub struct VerifyArgs {
+    /// The converted MLX model directory.
+    #[arg(long = "mlx-path", value_name = "DIR")]
+    pub mlx_path: PathBuf,
+    /// Reference logits (safetensors, from scripts/reference_logits.py or --save-reference).
+    #[arg(long, value_name = "FILE", required_unless_present = "against")]
+    pub reference: Option<PathBuf>,
+    /// The original checkpoint: compute the reference with our own forward pass on its weights
+    /// (enables the structure level).
+    #[arg(long, value_name = "SRC")]
+    pub against: Option<PathBuf>,
+    /// Recipe file for --against (default: the built-in one for its config.json).
+    #[arg(long, value_name = "FILE")]
+    pub recipe: Option<PathBuf>,
+    /// A prompt as comma-separated token ids (repeatable) [default: 3 built-in prompts].
+    #[arg(long = "prompt-ids", value_name = "IDS")]
+    pub prompt_ids: Vec<String>,
+    /// With --against: also write the float reference to FILE, for later --reference runs.
+    #[arg(long = "save-reference", value_name = "FILE", requires = "against")]
+    pub save_reference: Option<PathBuf>,
+    #[command(flatten)]
+    pub thresholds: ThresholdArgs,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Print only the verdict line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+const VERIFY_HELP: &str = "\
+Levels:
+  structure  (--against) the conversion in float32 vs the source weights through the same cast and
+             MLX quantize-dequantize; independent of bit width; names differing tensors, config
+             settings and the first divergent layer
+  quality    the conversion as mlx-vlm runs it vs a float32 reference: max |diff|, mean KL, top-1,
+             top-5, greedy continuations
+Exit codes: 0 PASS, 1 FAIL (or the converted model cannot run), 2 usage, 3 bad reference/source,
+  4 built without MLX or an architecture the forward does not cover";
 
 #[derive(Args, Debug, Default)]
 pub struct ConvertArgs {
@@ -107,6 +172,12 @@ pub struct ConvertArgs {
     /// Also copy the repo's *.py files (custom model code) to the output. vlm-convert never runs them.
     #[arg(long = "copy-remote-code")]
     pub copy_remote_code: bool,
+    /// After converting, verify the output against the source weights (`vlm-convert verify
+    /// --against`); a FAIL exits 1 and keeps the output for inspection.
+    #[arg(long)]
+    pub verify: bool,
+    #[command(flatten)]
+    pub thresholds: ThresholdArgs,
 }
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1024` (bytes).
@@ -164,7 +235,116 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             Ok(if r.ok() { exit::OK } else { exit::BAD_INPUT })
         }
+        Some(Command::Verify(v)) => verify_command(&v),
         None => convert(&cli.convert),
+    }
+}
+
+fn parse_prompt_ids(list: &[String]) -> Result<Vec<Vec<i32>>> {
+    list.iter()
+        .map(|s| {
+            let ids: std::result::Result<Vec<i32>, _> = s
+                .split(',')
+                .filter(|t| !t.trim().is_empty())
+                .map(|t| t.trim().parse::<i32>())
+                .collect();
+            match ids {
+                Ok(v) if !v.is_empty() => Ok(v),
+                _ => Err(Error::Usage(format!(
+                    "--prompt-ids `{s}`: expected comma-separated token ids, e.g. 1,2,3"
+                ))),
+            }
+        })
+        .collect()
+}
+
+#[cfg(feature = "mlx")]
+fn verify_error(e: crate::verify::VerifyError) -> Error {
+    use crate::verify::VerifyError as V;
+    match e {
+        V::Input(e) => e,
+        V::Broken { .. } | V::Mlx(_) => Error::VerificationFailed(e.to_string()),
+        V::Config { path, msg } => Error::ConfigInvalid { path, msg },
+        V::Weights { dir, msg } => Error::Plan(format!("{}: {msg}", dir.display())),
+        V::Unsupported(m) => Error::VerifyUnavailable(format!("unsupported for verification: {m}")),
+        V::BadInput(m) => Error::Usage(m),
+        V::Reference { path, msg } => Error::Reference { path, msg },
+    }
+}
+
+/// Runs the verify stage; `Ok(report)` whatever the verdict.
+#[cfg(feature = "mlx")]
+fn run_verify(
+    mlx_path: &std::path::Path,
+    reference: Option<PathBuf>,
+    against: Option<PathBuf>,
+    recipe: Option<Recipe>,
+    prompts: Vec<Vec<i32>>,
+    save_reference: Option<PathBuf>,
+    t: &ThresholdArgs,
+    progress: bool,
+) -> Result<crate::verify::Report> {
+    let opts = crate::verify::VerifyOptions {
+        mlx_path: mlx_path.to_path_buf(),
+        reference,
+        against,
+        recipe,
+        prompts,
+        new_tokens: t.new_tokens,
+        overrides: crate::verify::ThresholdOverrides {
+            max_structure_diff: t.max_structure_diff,
+            max_mean_kl: t.max_kl,
+            min_top1: t.min_top1,
+            min_top5: t.min_top5,
+        },
+        save_reference,
+        progress,
+    };
+    crate::verify::verify(&opts).map_err(verify_error)
+}
+
+#[cfg(not(feature = "mlx"))]
+fn no_mlx() -> Error {
+    Error::VerifyUnavailable(
+        "this vlm-convert was built without MLX (--no-default-features); rebuild with the default `mlx` feature to verify".into(),
+    )
+}
+
+fn verify_command(v: &VerifyArgs) -> Result<i32> {
+    let prompts = parse_prompt_ids(&v.prompt_ids)?;
+    let recipe = v.recipe.as_deref().map(Recipe::from_file).transpose()?;
+    #[cfg(feature = "mlx")]
+    {
+        let report = run_verify(
+            &v.mlx_path,
+            v.reference.clone(),
+            v.against.clone(),
+            recipe,
+            prompts,
+            v.save_reference.clone(),
+            &v.thresholds,
+            !(v.quiet || v.json),
+        )?;
+        if v.json {
+            println!(
+                "{}",
+                pretty(&serde_json::to_value(&report).expect("report serializes"))
+            );
+        } else if v.quiet {
+            println!("{}", report.render().lines().last().unwrap_or_default());
+        } else {
+            print!("{}", report.render());
+        }
+        Ok(if report.passed {
+            exit::OK
+        } else {
+            exit::VERIFY_FAILED
+        })
+    }
+    #[cfg(not(feature = "mlx"))]
+    {
+        let _ = (prompts, recipe);
+        Err(no_mlx())
     }
 }
 
@@ -296,6 +476,27 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     };
     let stats = write_output(&source, &plan, &spec)?;
     let secs = started.elapsed().as_secs_f64();
+
+    #[cfg(feature = "mlx")]
+    let verified = if a.verify {
+        let r = run_verify(
+            &out,
+            None,
+            Some(hf_path.clone()),
+            Some(recipe.clone()),
+            Vec::new(),
+            None,
+            &a.thresholds,
+            !(a.quiet || a.json),
+        )?;
+        Some(r)
+    } else {
+        None
+    };
+    #[cfg(not(feature = "mlx"))]
+    if a.verify {
+        return Err(no_mlx());
+    }
     let bpw = stats_bits_per_weight(&plan);
     if a.json {
         let v = json!({
@@ -314,6 +515,14 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
             "unquantized": plan.unquantized,
             "dropped": plan.dropped,
         });
+        #[cfg(feature = "mlx")]
+        let v = {
+            let mut v = v;
+            if let Some(r) = &verified {
+                v["verify"] = serde_json::to_value(r).expect("report serializes");
+            }
+            v
+        };
         println!("{}", pretty(&v));
     } else if !a.quiet {
         eprintln!(
@@ -333,6 +542,19 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         );
         for u in &plan.unquantized {
             eprintln!("  kept float: {} ({})", u.module, u.reason);
+        }
+    }
+    #[cfg(feature = "mlx")]
+    if let Some(r) = verified {
+        if !a.json {
+            if a.quiet {
+                eprintln!("{}", r.render().lines().last().unwrap_or_default());
+            } else {
+                eprint!("{}", r.render());
+            }
+        }
+        if !r.passed {
+            return Ok(exit::VERIFY_FAILED);
         }
     }
     Ok(exit::OK)

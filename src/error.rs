@@ -125,6 +125,17 @@ pub enum Error {
 
     #[error("interrupted; the partial output was removed")]
     Interrupted,
+
+    /// The verify stage could not run the converted model: the conversion is broken.
+    #[error("verification failed: {0}")]
+    VerificationFailed(String),
+
+    /// The verify stage is not available (built without MLX, or a model feature it cannot run yet).
+    #[error("{0}")]
+    VerifyUnavailable(String),
+
+    #[error("{path}: invalid reference logits file: {msg}")]
+    Reference { path: PathBuf, msg: String },
 }
 
 impl Error {
@@ -151,6 +162,8 @@ impl Error {
             | Error::UnmatchedTensors { .. } => exit::UNSUPPORTED,
             Error::OutputExists(_) | Error::OutputInsideInput { .. } => exit::OUTPUT,
             Error::Interrupted => exit::INTERRUPTED,
+            Error::VerificationFailed(_) => exit::VERIFY_FAILED,
+            Error::VerifyUnavailable(_) => exit::UNSUPPORTED,
             Error::Write { .. } => exit::OUTPUT,
             _ => exit::BAD_INPUT,
         }

@@ -108,6 +108,11 @@ impl Dtype {
             .ok_or_else(|| MlxError::InvalidArgument(format!("unknown MLX dtype code {code}")))
     }
 
+    /// A floating-point type (F16, BF16, F32, F64).
+    pub fn is_float(self) -> bool {
+        matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
+    }
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {

@@ -23,14 +23,24 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod against;
 mod config;
+pub mod metrics;
+pub mod reference;
+mod report;
 mod rope;
 mod text;
 mod weights;
 
 use std::path::PathBuf;
 
+pub use against::TensorCheck;
 pub use config::{ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig};
+pub use reference::{RefPrompt, Reference};
+pub use report::{
+    builtin_prompts, verify, LevelReport, PromptReport, Report, ThresholdOverrides, Thresholds,
+    VerifyOptions,
+};
 pub use rope::{mrope_angles, mrope_text_positions, MropeStyle};
 pub use text::{HiddenState, TextModel};
 
@@ -69,6 +79,12 @@ pub enum VerifyError {
     /// Bad arguments to the forward pass (empty prompt, token id out of range, ...).
     #[error("{0}")]
     BadInput(String),
+    /// The converted model cannot be loaded or run: the conversion is broken (verification fails).
+    #[error("the converted model in {dir} cannot run: {msg}")]
+    Broken { dir: PathBuf, msg: String },
+    /// A reference logits file that is not valid.
+    #[error("{path}: {msg}")]
+    Reference { path: PathBuf, msg: String },
 }
 
 pub type Result<T, E = VerifyError> = std::result::Result<T, E>;

@@ -117,8 +117,20 @@ impl TextModel {
         config: &Value,
         recipe: &Recipe,
     ) -> Result<TextModel> {
-        let cfg_path = dir.join("config.json");
         let store = Store::open(dir, config, "language_model.", precision)?;
+        TextModel::from_store(dir, precision, config, recipe, store)
+    }
+
+    /// Builds the model over tensors already in a [`Store`] (a converted directory, or a reference
+    /// made from the source checkpoint); `config` is the config.json to follow.
+    pub(crate) fn from_store(
+        dir: &Path,
+        precision: Precision,
+        config: &Value,
+        recipe: &Recipe,
+        store: Store,
+    ) -> Result<TextModel> {
+        let cfg_path = dir.join("config.json");
         let werr = |msg: String| VerifyError::Weights {
             dir: dir.to_path_buf(),
             msg,
@@ -312,7 +324,18 @@ impl TextModel {
         input_ids: &[i32],
         positions: Option<&[[i64; 3]]>,
     ) -> Result<Vec<HiddenState>> {
-        let (_, states) = self.run(input_ids, positions, true)?;
+        Ok(self.logits_and_states(input_ids, positions)?.1)
+    }
+
+    /// Logits and hidden states of one forward pass (see [`TextModel::logits_at`] and
+    /// [`TextModel::hidden_states`]).
+    pub fn logits_and_states(
+        &self,
+        input_ids: &[i32],
+        positions: Option<&[[i64; 3]]>,
+    ) -> Result<(Vec<f32>, Vec<HiddenState>)> {
+        let (logits, states) = self.run(input_ids, positions, true)?;
+        let logits = logits.to_vec_f32()?;
         let n = input_ids.len();
         let d = self.config.hidden_size;
         let count = states.len();
@@ -336,7 +359,8 @@ impl TextModel {
                         .to_vec_f32()?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()
+            .map(|states| (logits, states))
     }
 
     /// The forward pass: logits `[n, vocab]` float32 (lazy) and, with `capture`, the hidden states.

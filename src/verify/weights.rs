@@ -123,8 +123,17 @@ impl QuantConfig {
         })
     }
 
+    /// The lowest bit width any module gets (`None`: nothing is quantized).
+    pub(crate) fn min_bits(&self) -> Option<u32> {
+        self.default
+            .iter()
+            .chain(self.per_module.values().flatten())
+            .map(|s| s.bits as u32)
+            .min()
+    }
+
     /// The settings of the module at MLX path `module` (without `.weight`).
-    fn spec(&self, module: &str) -> std::result::Result<QuantSpec, String> {
+    pub(crate) fn spec(&self, module: &str) -> std::result::Result<QuantSpec, String> {
         match self.per_module.get(module) {
             Some(Some(s)) => Ok(*s),
             Some(None) => Err(format!(
@@ -178,6 +187,27 @@ impl Store {
                 shapes.insert(name.clone(), (info.shape.clone(), dtype));
                 tensors.insert(name.clone(), arr);
             }
+        }
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            precision,
+            tensors,
+            shapes,
+            quant,
+        })
+    }
+
+    /// A store over arrays already in memory (a reference built from the source checkpoint);
+    /// `dir` names where they came from in error messages.
+    pub(crate) fn from_arrays(
+        dir: &Path,
+        precision: Precision,
+        tensors: HashMap<String, Array>,
+        quant: QuantConfig,
+    ) -> Result<Store> {
+        let mut shapes = HashMap::with_capacity(tensors.len());
+        for (name, a) in &tensors {
+            shapes.insert(name.clone(), (a.shape()?, a.dtype()?));
         }
         Ok(Store {
             dir: dir.to_path_buf(),
