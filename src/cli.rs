@@ -272,33 +272,18 @@ fn verify_error(e: crate::verify::VerifyError) -> Error {
     }
 }
 
-/// Runs the verify stage; `Ok(report)` whatever the verdict.
+/// Runs the verify stage with `opts` plus the threshold flags; `Ok(report)` whatever the verdict.
 #[cfg(feature = "mlx")]
 fn run_verify(
-    mlx_path: &std::path::Path,
-    reference: Option<PathBuf>,
-    against: Option<PathBuf>,
-    recipe: Option<Recipe>,
-    prompts: Vec<Vec<i32>>,
-    save_reference: Option<PathBuf>,
+    mut opts: crate::verify::VerifyOptions,
     t: &ThresholdArgs,
-    progress: bool,
 ) -> Result<crate::verify::Report> {
-    let opts = crate::verify::VerifyOptions {
-        mlx_path: mlx_path.to_path_buf(),
-        reference,
-        against,
-        recipe,
-        prompts,
-        new_tokens: t.new_tokens,
-        overrides: crate::verify::ThresholdOverrides {
-            max_structure_diff: t.max_structure_diff,
-            max_mean_kl: t.max_kl,
-            min_top1: t.min_top1,
-            min_top5: t.min_top5,
-        },
-        save_reference,
-        progress,
+    opts.new_tokens = t.new_tokens;
+    opts.overrides = crate::verify::ThresholdOverrides {
+        max_structure_diff: t.max_structure_diff,
+        max_mean_kl: t.max_kl,
+        min_top1: t.min_top1,
+        min_top5: t.min_top5,
     };
     crate::verify::verify(&opts).map_err(verify_error)
 }
@@ -316,14 +301,17 @@ fn verify_command(v: &VerifyArgs) -> Result<i32> {
     #[cfg(feature = "mlx")]
     {
         let report = run_verify(
-            &v.mlx_path,
-            v.reference.clone(),
-            v.against.clone(),
-            recipe,
-            prompts,
-            v.save_reference.clone(),
+            crate::verify::VerifyOptions {
+                mlx_path: v.mlx_path.clone(),
+                reference: v.reference.clone(),
+                against: v.against.clone(),
+                recipe,
+                prompts,
+                save_reference: v.save_reference.clone(),
+                progress: !(v.quiet || v.json),
+                ..Default::default()
+            },
             &v.thresholds,
-            !(v.quiet || v.json),
         )?;
         if v.json {
             println!(
@@ -480,14 +468,14 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     #[cfg(feature = "mlx")]
     let verified = if a.verify {
         let r = run_verify(
-            &out,
-            None,
-            Some(hf_path.clone()),
-            Some(recipe.clone()),
-            Vec::new(),
-            None,
+            crate::verify::VerifyOptions {
+                mlx_path: out.clone(),
+                against: Some(hf_path.clone()),
+                recipe: Some(recipe.clone()),
+                progress: !(a.quiet || a.json),
+                ..Default::default()
+            },
             &a.thresholds,
-            !(a.quiet || a.json),
         )?;
         Some(r)
     } else {

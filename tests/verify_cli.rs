@@ -55,11 +55,11 @@ fn worst(level: &Value, key: &str, max: bool) -> f64 {
     }
 }
 
+/// `f(name, dtype, shape, bytes, read_other_tensor_of_the_same_file)`.
+type TensorEdit = dyn Fn(&str, &str, &[usize], &mut Vec<u8>, &dyn Fn(&str) -> Vec<u8>);
+
 /// Rewrites every tensor of the safetensors files in `dir` through `f(name, dtype, shape, bytes)`.
-fn edit_tensors(
-    dir: &Path,
-    f: &dyn Fn(&str, &str, &[usize], &mut Vec<u8>, &dyn Fn(&str) -> Vec<u8>),
-) {
+fn edit_tensors(dir: &Path, f: &TensorEdit) {
     for e in std::fs::read_dir(dir).unwrap() {
         let p = e.unwrap().path();
         if p.extension().is_none_or(|x| x != "safetensors") {

@@ -99,7 +99,7 @@ impl Reference {
             None => {
                 return Err(bad(
                     path,
-                    format!("no `format` metadata: not a reference logits file (make one with scripts/reference_logits.py or `vlm-convert verify --against SRC --save-reference FILE`)"),
+                    "no `format` metadata: not a reference logits file (make one with scripts/reference_logits.py or `vlm-convert verify --against SRC --save-reference FILE`)",
                 ))
             }
         }

@@ -271,13 +271,13 @@ fn quality_prompt(
 ) -> PromptReport {
     let a = compare(reference, converted, vocab);
     let mut failures = Vec::new();
-    if !(a.mean_kl <= t.max_mean_kl) {
+    if !at_most(a.mean_kl, t.max_mean_kl) {
         failures.push(format!("mean KL {:.3e} > {:.3e}", a.mean_kl, t.max_mean_kl));
     }
-    if !(a.top1 >= t.min_top1) {
+    if !at_most(t.min_top1, a.top1) {
         failures.push(format!("top-1 {:.3} < {:.3}", a.top1, t.min_top1));
     }
-    if !(a.top5 >= t.min_top5) {
+    if !at_most(t.min_top5, a.top5) {
         failures.push(format!("top-5 {:.3} < {:.3}", a.top5, t.min_top5));
     }
     let (rc, cc) = conts;
@@ -291,6 +291,14 @@ fn quality_prompt(
         passed: failures.is_empty(),
         failures,
     }
+}
+
+/// `x <= limit`, false when either is NaN (a NaN never passes).
+fn at_most(x: f64, limit: f64) -> bool {
+    matches!(
+        x.partial_cmp(&limit),
+        Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+    )
 }
 
 /// Lines of `a` and `b`'s pretty debug forms that differ: a cheap, generic field diff.
@@ -503,7 +511,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
             .map(|i| {
                 let a = compare(&ref32.logits[i], &conv32.logits[i], vocab);
                 let mut failures = Vec::new();
-                if !(a.max_abs_diff <= t.max_structure_diff) {
+                if !at_most(a.max_abs_diff.into(), t.max_structure_diff.into()) {
                     failures.push(format!(
                         "max |logit diff| {:.3e} > {:.3e}",
                         a.max_abs_diff, t.max_structure_diff
@@ -529,7 +537,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                     .iter()
                     .zip(&conv32.states[i])
                     .map(|(r, c)| (r.name.clone(), max_abs_diff(&r.data, &c.data)))
-                    .find(|(_, d)| !(*d <= t.max_structure_diff))
+                    .find(|(_, d)| !at_most((*d).into(), t.max_structure_diff.into()))
                     .map(|(name, d)| format!("{name} (prompt {i}, max |diff| {d:.3e})"));
             }
         }
