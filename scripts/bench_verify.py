@@ -9,10 +9,10 @@ Needs the CI venv (mlx + mlx-vlm). Steps:
    `vlm-convert verify --against MODEL --save-reference` (3 built-in prompts, --new-tokens greedy tokens).
 2. Alternating, --reps times each:
    - ours: `vlm-convert verify --mlx-path OUT --reference REF --json`: loads the converted model, runs
-     every prompt and the greedy continuation (whole-sequence re-runs, no KV cache), compares;
+     every prompt and the greedy continuation (KV-cached; PaliGemma re-runs the sequence), compares;
    - mlx-vlm: a Python process that imports mlx_vlm, loads the same directory with
      `mlx_vlm.utils.load_model` and runs the same prompts and greedy steps with mlx-vlm's language model
-     (whole-sequence re-runs, the same work).
+     and its KV cache as `generate` does (whole-sequence re-runs for PaliGemma, as ours): the same work.
    Both are timed as whole processes (what a CI job pays) and, for mlx-vlm, also without its imports.
 3. Prints medians and the ratios.
 The default model is the largest fixture (PaliGemma, float32 source). Any converted-size checkpoint works,
@@ -56,16 +56,37 @@ def logits(ids):
     mx.eval(out)
     return out
 
+def step(tok, cache):
+    x = mx.array([[tok]], dtype=mx.int32)
+    emb = model.get_input_embeddings(x, None, mask=None)
+    out = lm(x, inputs_embeds=emb.inputs_embeds, cache=cache)
+    out = out.logits if hasattr(out, "logits") else out
+    out = out[0, -1].astype(mx.float32)
+    mx.eval(out)
+    return out
+
+# As vlm-convert: KV-cached decoding (mlx-vlm's generate), except for prefix-LM models (PaliGemma),
+# where both re-run the whole sequence per token.
+cached = model.config.model_type != "paligemma"
 conts = []
 for ids in prompts:
     seq = list(ids)
-    last = logits(seq)[-1]
+    for attr in ("_position_ids", "_rope_deltas"):
+        if hasattr(lm, attr):
+            setattr(lm, attr, None)
+    x = mx.array([seq], dtype=mx.int32)
+    emb = model.get_input_embeddings(x, None, mask=None)
+    extras = {k: v for k, v in emb.to_dict().items() if k != "inputs_embeds" and v is not None}
+    cache = cache_mod.make_prompt_cache(lm)
+    out = lm(x, inputs_embeds=emb.inputs_embeds, cache=cache, **extras)
+    out = out.logits if hasattr(out, "logits") else out
+    last = out[0, -1].astype(mx.float32)
     cont = []
-    for step in range(new_tokens):
+    for s in range(new_tokens):
         t = int(mx.argmax(last).item())
         cont.append(t); seq.append(t)
-        if step + 1 < new_tokens:
-            last = logits(seq)[-1]
+        if s + 1 < new_tokens:
+            last = step(t, cache) if cached else logits(seq)[-1]
     conts.append(cont)
 t2 = time.perf_counter()
 print(json.dumps({"imports": t1 - t0, "work": t2 - t1, "continuations": conts}))

@@ -194,13 +194,22 @@ fn matches_transformers(arch: &str) {
             "{arch} prompt {i}: top-1 {} against transformers",
             a.top1
         );
-        // Greedy continuation: the same tokens as transformers'.
+        // Greedy continuation (KV-cached decoding for causal models): the same tokens as
+        // transformers' whole-sequence re-runs.
+        let n = p.generated.as_ref().map_or(0, Vec::len);
+        let (first, cont) = model.greedy(&p.ids, n).unwrap();
+        assert_eq!(first, ours);
+        // And the same as our own whole-sequence re-runs, step by step, in the stored precision.
+        let native = TextModel::load(&out, Precision::Native).unwrap();
+        let (_, cached) = native.greedy(&p.ids, n).unwrap();
         let mut seq = p.ids.clone();
-        let mut cont = Vec::new();
-        for _ in 0..p.generated.as_ref().map_or(0, Vec::len) {
-            let l = model.logits(&seq).unwrap();
-            let t = metrics::argmax(&l[l.len() - r.vocab..]) as i32;
-            cont.push(t);
+        for (step, &t) in cached.iter().enumerate() {
+            let l = native.logits(&seq).unwrap();
+            let want = metrics::argmax(&l[l.len() - r.vocab..]) as i32;
+            assert_eq!(
+                t, want,
+                "{arch} prompt {i}: cached step {step} differs from a re-run"
+            );
             seq.push(t);
         }
         assert_eq!(
@@ -551,4 +560,47 @@ fn bad_reference_files_are_rejected_with_exit_3() {
 fn verify_needs_something_to_compare_with() {
     let (code, _, err) = run(&["verify", "--mlx-path", "/nonexistent"]);
     assert_eq!(code, 2, "{err}");
+}
+
+/// KV-cached decoding keeps only the last `sliding_window` keys on sliding layers, as the re-run's
+/// window mask does (Gemma 3 with its window shrunk to 5, so prompts cross it).
+#[test]
+fn kv_cache_honours_sliding_windows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    convert(&fixture("gemma3"), &out, &[]);
+    let p = out.join("config.json");
+    let mut v = read_json(&p);
+    v["text_config"]["sliding_window"] = Value::from(5);
+    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    vlm_convert::mlx::init().unwrap();
+    for precision in [Precision::Float32, Precision::Native] {
+        let model = TextModel::load(&out, precision).unwrap();
+        let vocab = model.vocab_size();
+        let ids: Vec<i32> = (0..9).map(|i| 7 + 13 * i).collect();
+        let (_, cached) = model.greedy(&ids, 8).unwrap();
+        let mut seq = ids.clone();
+        for (step, &t) in cached.iter().enumerate() {
+            let l = model.logits(&seq).unwrap();
+            assert_eq!(
+                t,
+                metrics::argmax(&l[l.len() - vocab..]) as i32,
+                "{precision:?} step {step}"
+            );
+            seq.push(t);
+        }
+    }
+    // The window is in force: with the checkpoint's own (512) the same prompt's logits differ.
+    let ids: Vec<i32> = (0..9).map(|i| 7 + 13 * i).collect();
+    let small = TextModel::load(&out, Precision::Float32)
+        .unwrap()
+        .logits(&ids)
+        .unwrap();
+    v["text_config"]["sliding_window"] = Value::from(512);
+    std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    let wide = TextModel::load(&out, Precision::Float32)
+        .unwrap()
+        .logits(&ids)
+        .unwrap();
+    assert!(metrics::max_abs_diff(&small, &wide) > 1e-3);
 }

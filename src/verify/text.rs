@@ -370,7 +370,58 @@ impl TextModel {
         positions: Option<&[[i64; 3]]>,
         capture: bool,
     ) -> Result<(Array, Vec<Array>)> {
+        self.run_with(ids, positions, capture, None)
+    }
+
+    /// Greedy decoding: the prompt's logits (`[n, vocab]`) and `new_tokens` tokens, each the argmax of
+    /// the last position. Causal models decode one token at a time over a KV cache, as mlx-vlm's
+    /// `generate` does; prefix-LM models (PaliGemma: the whole sequence attends bidirectionally) and
+    /// the explicit-attention path re-run the whole sequence per token.
+    pub fn greedy(&self, ids: &[i32], new_tokens: usize) -> Result<(Vec<f32>, Vec<i32>)> {
+        let vocab = self.config.vocab_size;
+        let argmax = |l: &[f32]| super::metrics::argmax(&l[l.len() - vocab..]) as i32;
+        let cached = self.arch.causal && !self.arch.eager_attention;
+        let mut cache = KvCache {
+            layers: (0..self.layers.len()).map(|_| None).collect(),
+            offset: 0,
+        };
+        let (logits, _) = self.run_with(ids, None, false, cached.then_some(&mut cache))?;
+        let logits = logits.to_vec_f32()?;
+        let mut seq = ids.to_vec();
+        let mut out = Vec::with_capacity(new_tokens);
+        let mut next = argmax(&logits);
+        for step in 0..new_tokens {
+            out.push(next);
+            seq.push(next);
+            if step + 1 == new_tokens {
+                break;
+            }
+            let l = if cached {
+                self.run_with(&[next], None, false, Some(&mut cache))?.0
+            } else {
+                self.run(&seq, None, false)?.0
+            };
+            next = argmax(&l.to_vec_f32()?);
+        }
+        Ok((logits, out))
+    }
+
+    /// [`TextModel::run`] continuing from `cache` (keys/values of the tokens before `ids`), which it
+    /// extends. With a non-empty cache, `ids` is one token.
+    fn run_with(
+        &self,
+        ids: &[i32],
+        positions: Option<&[[i64; 3]]>,
+        capture: bool,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<(Array, Vec<Array>)> {
+        let offset = cache.as_ref().map_or(0, |c| c.offset);
         let n = ids.len();
+        if offset > 0 && (n != 1 || positions.is_some()) {
+            return Err(VerifyError::BadInput(
+                "a cached step takes exactly one text token".into(),
+            ));
+        }
         if n == 0 {
             return Err(VerifyError::BadInput("empty prompt".into()));
         }
@@ -425,7 +476,7 @@ impl TextModel {
                 let pos = match positions {
                     Some(p) => p,
                     None => {
-                        text_pos = mrope_text_positions(n);
+                        text_pos = mrope_text_positions(offset + n).split_off(offset);
                         &text_pos
                     }
                 };
@@ -444,13 +495,18 @@ impl TextModel {
             cfg: &self.config,
             arch,
             n,
+            offset,
             rope_tables: rope_tables.as_ref(),
         };
-        for layer in &self.layers {
-            h = layer.forward(&h, &ctx)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            h = layer.forward(&h, &ctx, kv)?;
             if capture {
                 states.push(h.try_clone()?);
             }
+        }
+        if let Some(c) = cache {
+            c.offset += n;
         }
         let h = fast::rms_norm(&h, Some(&self.norm), self.config.rms_norm_eps)?;
         if capture {
@@ -474,11 +530,20 @@ impl TextModel {
     }
 }
 
+/// Keys and values of the tokens seen so far, per layer (`[1, kv_heads, L, head_dim]`, after rope).
+struct KvCache {
+    layers: Vec<Option<(Array, Array)>>,
+    offset: usize,
+}
+
 /// What every layer needs for one forward pass.
 struct Ctx<'a> {
     cfg: &'a TextConfig,
     arch: &'a ArchSpec,
+    /// Tokens in this pass.
     n: usize,
+    /// Tokens before them (in the KV cache).
+    offset: usize,
     rope_tables: Option<&'a (Array, Array)>,
 }
 
@@ -534,9 +599,14 @@ fn window_mask(n: usize, window: usize) -> Result<Array> {
 }
 
 impl Layer {
-    fn forward(&self, x: &Array, ctx: &Ctx<'_>) -> Result<Array> {
+    fn forward(
+        &self,
+        x: &Array,
+        ctx: &Ctx<'_>,
+        kv: Option<&mut Option<(Array, Array)>>,
+    ) -> Result<Array> {
         let x = ctx.clip(x.try_clone()?)?;
-        let r = self.attention(&ctx.norm(&x, &self.input_norm)?, ctx)?;
+        let r = self.attention(&ctx.norm(&x, &self.input_norm)?, ctx, kv)?;
         match (&self.pre_ff_norm, &self.post_ff_norm) {
             (Some(pre), Some(post)) => {
                 let h = ctx.clip(x.add(&ctx.norm(&r, &self.post_attn_norm)?)?)?;
@@ -562,7 +632,12 @@ impl Layer {
         self.mlp.down.forward(&g.multiply(&u)?)
     }
 
-    fn attention(&self, x: &Array, ctx: &Ctx<'_>) -> Result<Array> {
+    fn attention(
+        &self,
+        x: &Array,
+        ctx: &Ctx<'_>,
+        kv: Option<&mut Option<(Array, Array)>>,
+    ) -> Result<Array> {
         let cfg = ctx.cfg;
         let arch = ctx.arch;
         let (n, hd) = (ctx.n as i32, cfg.head_dim as i32);
@@ -591,12 +666,38 @@ impl Layer {
             }
             (RopeKind::Fast { traditional }, _) => {
                 let s = &self.spec;
-                q = fast::rope(&q, hd, *traditional, s.rope_base, s.rope_scale, 0)?;
-                k = fast::rope(&k, hd, *traditional, s.rope_base, s.rope_scale, 0)?;
+                let off = ctx.offset as i32;
+                q = fast::rope(&q, hd, *traditional, s.rope_base, s.rope_scale, off)?;
+                k = fast::rope(&k, hd, *traditional, s.rope_base, s.rope_scale, off)?;
             }
             (RopeKind::Mrope { .. }, None) => {
                 return Err(VerifyError::BadInput("M-RoPE tables missing".into()))
             }
+        }
+        let (mut k, mut v) = (k, v);
+        if let Some(slot) = kv {
+            if let Some((ck, cv)) = slot.take() {
+                k = mlx::concatenate(&[&ck, &k], 2)?;
+                v = mlx::concatenate(&[&cv, &v], 2)?;
+            }
+            *slot = Some((k.try_clone()?, v.try_clone()?));
+        }
+        if ctx.offset > 0 {
+            // One new token: it sees every cached key, or the last `window` of them (the keys a
+            // rotating cache of that size holds), so no mask is needed.
+            let len = ctx.offset + 1;
+            if let Some(w) = self.spec.sliding_window.filter(|&w| len > w) {
+                let s = k.shape()?;
+                let (lo, hi) = (
+                    [0, 0, (len - w) as i32, 0],
+                    [s[0] as i32, s[1] as i32, len as i32, s[3] as i32],
+                );
+                k = k.slice(&lo, &hi, &[1, 1, 1, 1])?;
+                v = v.slice(&lo, &hi, &[1, 1, 1, 1])?;
+            }
+            let out = fast::scaled_dot_product_attention(&q, &k, &v, arch.attn_scale, Mask::None)?;
+            let out = out.transpose(&perm)?.reshape(&[1, n, nh * hd])?;
+            return a.o.forward(&out);
         }
         let window = self.spec.sliding_window.filter(|&w| ctx.n > w);
         let wmask = match window {
