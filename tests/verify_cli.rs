@@ -604,3 +604,33 @@ fn kv_cache_honours_sliding_windows() {
         .unwrap();
     assert!(metrics::max_abs_diff(&small, &wide) > 1e-3);
 }
+
+/// A conversion made by mlx-vlm itself (Gemma 3: it writes a full quantized copy of the tied head)
+/// verifies against its source: every language-model tensor identical to ours, structure diff 0.
+#[test]
+fn mlx_vlm_conversions_verify_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("mlx-vlm-4bit");
+    let st = std::process::Command::new(python())
+        .args([
+            "-m",
+            "mlx_vlm",
+            "convert",
+            "--hf-path",
+            s(&fixture("gemma3")),
+            "--mlx-path",
+            s(&out),
+            "-q",
+        ])
+        .output()
+        .expect("python runs");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let (code, rep, err) = verify(&["--mlx-path", s(&out), "--against", s(&fixture("gemma3"))]);
+    assert_eq!(code, 0, "{err}\n{rep}");
+    assert_eq!(worst(&rep["structure"], "max_abs_diff", true), 0.0);
+    assert!(differing(&rep).is_empty(), "{rep}");
+}
