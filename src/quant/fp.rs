@@ -83,14 +83,11 @@ fn quantize_par<E: Float>(src: &[u8], k: usize, spec: QuantSpec, w: &mut [u8], s
 #[inline]
 fn quantize_group<E: Float>(x: &mut [f32], mode: QuantMode, out: &mut [u8]) -> u8 {
     // `max(abs(w))` starts from -inf and uses plain comparisons, as MLX's reduction does.
-    let amax = x
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, v| if v.abs() > m { v.abs() } else { m });
-    let maxval = if mode == QuantMode::Mxfp8 {
-        448.0
-    } else {
-        6.0
-    };
+    let amax = x.iter().fold(
+        f32::NEG_INFINITY,
+        |m, v| if v.abs() > m { v.abs() } else { m },
+    );
+    let maxval = if mode == QuantMode::Mxfp8 { 448.0 } else { 6.0 };
     let s = E::round(amax / maxval);
     let byte = if mode == QuantMode::Nvfp4 {
         let code = to_e4m3(s);
@@ -152,7 +149,8 @@ fn pow2(n: i32) -> f32 {
 #[inline]
 fn to_e2m1(v: f32) -> u8 {
     let a = v.abs();
-    if !(a <= 6.0) {
+    // Beyond 6 (and for inf/NaN, which compare false) the rounded distances decide.
+    if a > 6.0 || a.is_nan() {
         return e2m1_argmin(v);
     }
     let mag = if a <= 0.25 {
