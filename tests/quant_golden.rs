@@ -163,7 +163,11 @@ fn fp_modes_match_mlx_cpu() {
             quantize(w, dtype, k, spec, &mut qw, &mut qs, &mut []).unwrap();
             assert_bytes(&format!("fq.{key}.weight"), &qw, gw, 1);
             assert_bytes(&format!("fq.{key}.scales"), &qs, gs, 1);
-            for (prefix, out) in [("fdq", DType::BF16), ("fdq32", DType::F32), ("fdq16", DType::F16)] {
+            for (prefix, out) in [
+                ("fdq", DType::BF16),
+                ("fdq32", DType::F32),
+                ("fdq16", DType::F16),
+            ] {
                 let (gdq, _) = tensor(&st, &format!("{prefix}.{key}"), out);
                 let mut dq = vec![0u8; rows * k * out.size()];
                 dequantize(gw, gs, &[], DType::U8, k, spec, out, &mut dq).unwrap();
