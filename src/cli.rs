@@ -434,7 +434,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     };
     let stats = write_output(&source, &plan, &spec)?;
     let secs = started.elapsed().as_secs_f64();
-    let bpw = stats_bits_per_weight(&plan);
+    let bpw = plan.bits_per_weight();
     if a.json {
         let v = json!({
             "output": out,
@@ -446,7 +446,8 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
             "bytes_read": stats.bytes_read,
             "bytes_written": stats.bytes_written,
             "total_parameters": plan.total_parameters,
-            "bits_per_weight": bpw,
+            "bits_per_weight": bpw.overall,
+            "bits_per_weight_by_part": {"language": bpw.language, "vision": bpw.vision},
             "seconds": secs,
             "files": stats.files,
             "unquantized": plan.unquantized,
@@ -463,11 +464,14 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
             plan.shards.len(),
             secs
         );
+        let part = |v: Option<f64>| v.map_or("-".to_string(), |b| format!("{b:.2}"));
         eprintln!(
-            "  read {}, wrote {}, {:.2} bits per weight, recipe {}",
+            "  read {}, wrote {}, {:.2} bits per weight (language {}, vision {}), recipe {}",
             human_bytes(stats.bytes_read as u64),
             human_bytes(stats.bytes_written as u64),
-            bpw,
+            bpw.overall,
+            part(bpw.language),
+            part(bpw.vision),
             plan.recipe
         );
         for line in kept_float_lines(&plan) {
@@ -475,13 +479,6 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         }
     }
     Ok(exit::OK)
-}
-
-fn stats_bits_per_weight(plan: &Plan) -> f64 {
-    if plan.total_parameters == 0 {
-        return 0.0;
-    }
-    plan.total_size as f64 * 8.0 / plan.total_parameters as f64
 }
 
 /// The modules left float, one line each, except that reasons shared by more than 3 modules (a

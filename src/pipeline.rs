@@ -494,6 +494,7 @@ pub fn plan_json(plan: &Plan) -> Value {
         "quantization": plan.quant.as_ref().map(|q| q.to_json()),
         "total_size": plan.total_size,
         "total_parameters": plan.total_parameters,
+        "bits_per_weight": plan.bits_per_weight(),
         "shards": plan.shards.iter().map(|s| json!({"file": s.file_name, "bytes": s.header.file_len, "tensors": s.tensors.len()})).collect::<Vec<_>>(),
         "tensors": plan.tensors,
         "dropped": plan.dropped,

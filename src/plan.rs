@@ -176,6 +176,15 @@ pub struct Unquantized {
     pub reason: String,
 }
 
+/// Effective bits per weight (see [`Plan::bits_per_weight`]).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BitsPerWeight {
+    pub overall: f64,
+    pub language: Option<f64>,
+    /// Everything outside `language_model.`: the vision tower and projector.
+    pub vision: Option<f64>,
+}
+
 /// A source tensor left out, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Dropped {
@@ -536,6 +545,32 @@ impl Plan {
             config_updates,
             warnings,
         })
+    }
+
+    /// Effective bits per weight: every output byte (packed weights, scales, biases, float tensors)
+    /// times 8 over the logical parameters, overall and for the language model (MLX paths under
+    /// `language_model.`) vs the rest (vision tower, projector). `None` for a part without parameters.
+    pub fn bits_per_weight(&self) -> BitsPerWeight {
+        let (mut lang, mut other) = ((0usize, 0usize), (0usize, 0usize));
+        for t in &self.tensors {
+            let bytes: usize = t.outputs.iter().map(|o| o.nbytes).sum();
+            // A head that borrows the embedding's packed weight has no parameters of its own.
+            let borrowed = t.quant.is_some() && !t.outputs.iter().any(|o| o.role == Role::Weight);
+            let params = if borrowed { 0 } else { t.numel() };
+            let part = if t.name.starts_with("language_model.") {
+                &mut lang
+            } else {
+                &mut other
+            };
+            part.0 += bytes;
+            part.1 += params;
+        }
+        let bpw = |(b, p): (usize, usize)| (p > 0).then(|| b as f64 * 8.0 / p as f64);
+        BitsPerWeight {
+            overall: bpw((lang.0 + other.0, lang.1 + other.1)).unwrap_or(0.0),
+            language: bpw(lang),
+            vision: bpw(other),
+        }
     }
 
     pub fn quantized_count(&self) -> usize {

@@ -355,3 +355,37 @@ fn recipe_default_overrides_lose_to_user_rules() {
             && u["reason"].as_str().unwrap().contains("recipe")));
     check_ok(&out);
 }
+
+#[test]
+fn summary_reports_bits_per_weight_overall_and_by_part() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    for (flags, lo, hi) in [
+        // 4 bits + bf16 scale and bias per 64 = 4.5, plus the float norms.
+        (&["-q"][..], 4.5, 5.0),
+        // 4 bits + one U8 scale per 32 = 4.25.
+        (&["--q-mode", "mxfp4"][..], 4.25, 4.75),
+        (&["--q-bits", "8"][..], 8.5, 9.0),
+    ] {
+        let (v, _) = convert(&fixture("qwen2_vl"), &out, flags);
+        let lang = v["bits_per_weight_by_part"]["language"].as_f64().unwrap();
+        let vision = v["bits_per_weight_by_part"]["vision"].as_f64().unwrap();
+        assert!(lang > lo && lang < hi, "{flags:?}: language {lang}");
+        assert_eq!(vision, 16.0, "the vision tower stays bf16");
+        let idx = read_json(&out.join("model.safetensors.index.json"));
+        let overall = idx["metadata"]["total_size"].as_f64().unwrap() * 8.0
+            / idx["metadata"]["total_parameters"].as_f64().unwrap();
+        assert!((v["bits_per_weight"].as_f64().unwrap() - overall).abs() < 1e-9);
+        assert!(overall > lang && overall < vision);
+    }
+    let (code, _, stderr) = run(&[
+        "--hf-path",
+        s(&fixture("qwen2_vl")),
+        "--mlx-path",
+        s(&out),
+        "--force",
+        "-q",
+    ]);
+    assert_eq!(code, 0);
+    assert!(stderr.contains("bits per weight (language 4."), "{stderr}");
+}
