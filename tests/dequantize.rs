@@ -69,13 +69,7 @@ fn dequantize_matches_mlx(name: &str) {
     let fix = fixture(name);
     for (kind, flags) in KINDS {
         let q = t.path().join(format!("q-{kind}"));
-        let mut a = vec![
-            "--hf-path",
-            s(&fix),
-            "--mlx-path",
-            s(&q),
-            "--quiet",
-        ];
+        let mut a = vec!["--hf-path", s(&fix), "--mlx-path", s(&q), "--quiet"];
         a.extend_from_slice(flags);
         convert(&a);
         for dtype in [None, Some("float32")] {
