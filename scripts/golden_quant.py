@@ -17,6 +17,15 @@ Each file holds, for its dtype DT (f32, f16 or bf16):
   dq.DT.bB.gG                mx.dequantize(weight, scales, biases, G, B, stream=mx.cpu)  (dtype DT)
   dq32.DT.bB.gG              same with dtype=mx.float32 (only for DT f16 / bf16)
 for every B in {2, 3, 4, 5, 6, 8} and G in {32, 64, 128}.
+
+It also writes `fixtures/golden/quant/quant_fp_{f32,f16,bf16}.safetensors` for the floating-point modes:
+  w.DT                       input matrix [16, 384] (`make_fp_matrix`: E2M1/E4M3 ties, log2 ties of the
+                             E8M0 scale, zeros, f16/f32 subnormals, huge values; NaN/inf-free in DT)
+  fq.DT.MODE.weight          mx.quantize(w, mode=MODE, stream=mx.cpu)[0]  (U32)
+  fq.DT.MODE.scales          ...[1]  (U8)
+  fdq.DT.MODE                mx.dequantize(weight, scales, mode=MODE, stream=mx.cpu)  (default: bf16)
+  fdq32.DT.MODE / fdq16.DT.MODE   the same with dtype=mx.float32 / mx.float16
+for MODE in {mxfp4, nvfp4, mxfp8} (their default bits and group sizes).
 """
 
 import os
@@ -95,6 +104,104 @@ def make_matrix(rng):
     return w
 
 
+FP_MODES = ["mxfp4", "nvfp4", "mxfp8"]
+FP_ROWS = 16
+E2M1_TIES = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
+
+
+def make_fp_matrix(rng, dt_name):
+    """Edge cases for the fp modes; every 16-column chunk is a group of nvfp4, every 32 of the mx modes."""
+    w = np.zeros((FP_ROWS, COLS), dtype=np.float64)
+    # Row 0: typical weights.
+    w[0] = rng.normal(0.0, 0.02, COLS)
+    # Rows 1-2: E2M1 ties. amax = 6 * 2^e exactly (so the mx scale is exactly 2^e and the nvfp4 scale
+    # decodes exactly), the other elements at the midpoints between E2M1 values, both signs.
+    for r, sign in ((1, 1.0), (2, -1.0)):
+        for c in range(0, COLS, 16):
+            e = int(rng.integers(-8, 4))
+            vals = rng.choice(E2M1_TIES + [0.1, -0.1, 0.0, 4.9, 5.1], size=16) * rng.choice([1, -1], size=16)
+            vals[int(rng.integers(16))] = 6.0 * sign
+            w[r, c : c + 16] = vals * 2.0**e
+    # Row 3: E4M3 ties for mxfp8: amax = 448 * 2^e, others at the midpoints of neighbouring E4M3 values.
+    for c in range(0, COLS, 32):
+        e = int(rng.integers(-10, 6))
+        exps = rng.integers(-9, 8, size=32)
+        mant = rng.integers(0, 8, size=32)
+        vals = (1.0 + (mant + 0.5) / 8.0) * 2.0**exps.astype(np.float64)
+        vals[:4] = [2.0**-10, 3 * 2.0**-10, 2.0**-7 * 1.0625, 460.0]  # subnormal ties, a normal tie, saturation
+        vals *= rng.choice([1, -1], size=32)
+        vals[int(rng.integers(4, 32))] = 448.0
+        w[3, c : c + 32] = vals * 2.0**e
+    # Row 4: zeros: a whole zero group, a group with one nonzero, groups of -0 and tiny negatives.
+    w[4, 32:64] = 0.0
+    w[4, 64 + 5] = 1e-3
+    w[4, 96:128] = -0.0
+    w[4, 128:160] = -rng.uniform(0, 1e-3, 32)
+    w[4, 160:] = rng.normal(0, 1, COLS - 160)
+    # Row 5: amax / 6 next to sqrt(2) * 2^n, where log2 is close to a .5 tie of the E8M0 rounding.
+    for c in range(0, COLS, 16):
+        n = int(rng.integers(-20, 10))
+        amax = 6.0 * np.sqrt(2.0) * 2.0**n * (1.0 + rng.choice([-1, 1]) * 10.0 ** rng.uniform(-8, -2))
+        vals = rng.uniform(-amax, amax, 16)
+        vals[int(rng.integers(16))] = amax * rng.choice([1, -1])
+        w[5, c : c + 16] = vals
+    # Row 6: f16 subnormals (2^-24 .. 2^-14) and amax / 6 below f16's range.
+    w[6] = rng.normal(0, 2e-6, COLS)
+    w[6, ::7] = 2.0**-24 * rng.integers(1, 8, len(w[6, ::7]))
+    # Row 7: f32/bf16 subnormals (scale bytes wrap), then f32 values around 1e-38.
+    w[7, :128] = rng.normal(0, 1e-40, 128)
+    w[7, 128:256] = rng.normal(0, 1e-38, 128)
+    w[7, 256:] = rng.normal(0, 1e-30, 128)
+    # Row 8: huge values (clipped to each dtype's range below), mixed with small ones.
+    w[8] = rng.normal(0, 1e30, COLS)
+    w[8, ::3] = rng.normal(0, 1.0, len(w[8, ::3]))
+    w[8, 200] = 3.3e38
+    # Row 9: f16-large values.
+    w[9] = rng.normal(0, 2e4, COLS)
+    w[9, 10] = 65504.0
+    # Row 10: amax / maxval just above (or at) a power of two: the E8M0 exponent is an exact ceiling.
+    for c in range(0, COLS, 16):
+        maxval = 6.0 if (c // 16) % 2 == 0 else 448.0
+        m = int(rng.choice([5, 7, 8, 10, 11, 20, 23]))
+        amax = maxval * 2.0 ** int(rng.integers(-30, 10)) * (1.0 + 2.0**-m)
+        vals = rng.uniform(-amax, amax, 16)
+        vals[int(rng.integers(16))] = amax
+        w[10, c : c + 16] = vals
+    # Row 11: nvfp4 with a saturated scale (448): elements of 2^23 .. 2^30 times it, where the f32
+    # distances to the E2M1 table round to equal values.
+    for c in range(0, COLS, 16):
+        vals = 448.0 * 2.0 ** rng.uniform(20, 31, 16) * rng.choice([1, -1], 16)
+        vals[int(rng.integers(16))] = 448.0 * 6.0 * 1000.0
+        w[11, c : c + 16] = vals
+    # Rows 12-15: weights of many magnitudes, with outliers.
+    for r in range(12, FP_ROWS):
+        for c in range(0, COLS, 16):
+            w[r, c : c + 16] = rng.normal(rng.normal(0, 1), np.exp(rng.uniform(-12, 6)), 16)
+        w[r, int(rng.integers(COLS))] *= 50
+    limit = {"f32": 3.4e38, "bf16": 3.38e38, "f16": 65504.0}[dt_name]
+    return np.clip(w, -limit, limit).astype(np.float32)
+
+
+def fp_goldens(out_dir):
+    for name, dt in DTYPES.items():
+        rng = np.random.default_rng(20250101)
+        w = mx.array(make_fp_matrix(rng, name)).astype(dt, stream=mx.cpu)
+        assert not mx.any(mx.isnan(w) | mx.isinf(w)).item(), name
+        tensors = {f"w.{name}": w}
+        for mode in FP_MODES:
+            q, sc = mx.quantize(w, mode=mode, stream=mx.cpu)
+            key = f"{name}.{mode}"
+            tensors[f"fq.{key}.weight"] = q
+            tensors[f"fq.{key}.scales"] = sc
+            tensors[f"fdq.{key}"] = mx.dequantize(q, sc, mode=mode, stream=mx.cpu)
+            tensors[f"fdq32.{key}"] = mx.dequantize(q, sc, mode=mode, dtype=mx.float32, stream=mx.cpu)
+            tensors[f"fdq16.{key}"] = mx.dequantize(q, sc, mode=mode, dtype=mx.float16, stream=mx.cpu)
+        mx.eval(tensors)
+        path = os.path.join(out_dir, f"quant_fp_{name}.safetensors")
+        mx.save_safetensors(path, tensors, metadata={"generator": "scripts/golden_quant.py", "mlx": mx.__version__})
+        print(path, os.path.getsize(path))
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     out_dir = os.path.join(here, "..", "fixtures", "golden", "quant")
@@ -120,6 +227,7 @@ def main():
         path = os.path.join(out_dir, f"quant_{name}.safetensors")
         mx.save_safetensors(path, tensors, metadata={"generator": "scripts/golden_quant.py", "mlx": mx.__version__})
         print(path, os.path.getsize(path))
+    fp_goldens(out_dir)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,13 @@
 //! maps them to the documented exit codes.
 
 use crate::config::normalize;
+use crate::dequant;
 use crate::dtype::{DType, FloatType};
 use crate::error::{exit, Error, Result};
 use crate::pipeline::{check_output_path, plan_json, pretty, write_output, OutputSpec};
 use crate::plan::{Plan, PlanOptions, SourceDesc};
-use crate::quant::QuantSpec;
+use crate::quant::{QuantMode, QuantSpec};
+use crate::quant_rules::{self, Mixed, QuantConfigFile, QuantRules};
 use crate::recipe::Recipe;
 use crate::source::{self, Source};
 use clap::{Args, Parser, Subcommand};
@@ -133,18 +135,38 @@ pub struct ConvertArgs {
     /// Output directory [default: <model>-<4bit|8bit|bf16|...> in the current directory].
     #[arg(long = "mlx-path", value_name = "DIR")]
     pub mlx_path: Option<PathBuf>,
-    /// Quantize (affine; 4 bits, group size 64 unless --q-bits / --q-group-size say otherwise).
+    /// Quantize (affine 4 bits, group size 64 unless --q-bits / --q-group-size / --q-mode say otherwise).
     #[arg(short = 'q', long)]
     pub quantize: bool,
-    /// Bits per weight: 2, 3, 4, 5, 6 or 8 (implies --quantize).
+    /// Bits per weight: 2, 3, 4, 5, 6 or 8 for affine; mxfp4/nvfp4 take 4, mxfp8 8 (implies --quantize).
     #[arg(long = "q-bits", value_name = "N")]
     pub q_bits: Option<u32>,
-    /// Quantization group size: 32, 64 or 128 (implies --quantize).
+    /// Quantization group size: 32, 64 or 128 for affine; mxfp4/mxfp8 take 32, nvfp4 16 (implies --quantize).
     #[arg(long = "q-group-size", value_name = "N")]
     pub q_group_size: Option<usize>,
-    /// Quantization mode (only affine for now).
-    #[arg(long = "q-mode", value_name = "MODE", default_value = "affine")]
-    pub q_mode: String,
+    /// Quantization mode: affine, mxfp4, nvfp4 or mxfp8 [default: affine] (implies --quantize).
+    #[arg(long = "q-mode", value_name = "MODE")]
+    pub q_mode: Option<String>,
+    /// Mixed-precision recipe for the language model: mixed_2_6, mixed_3_4, mixed_3_5, mixed_3_6,
+    /// mixed_3_8, mixed_4_6 or mixed_4_8 (affine, group size 64; implies --quantize).
+    #[arg(long = "quant-predicate", value_name = "NAME")]
+    pub quant_predicate: Option<String>,
+    /// Quantize modules whose MLX path matches REGEX with these settings, e.g. 'lm_head=8' or
+    /// 'mlp\.gate=8:32' or 'v_proj=mxfp8'. Repeatable; beats the predicate and --quant-config
+    /// (implies --quantize).
+    #[arg(long = "quant-override", value_name = "REGEX=BITS[:GROUP[:MODE]]")]
+    pub quant_override: Vec<String>,
+    /// Keep modules whose MLX path matches REGEX float, e.g. 'lm_head' or 'embed_tokens'. Repeatable;
+    /// beats every other rule.
+    #[arg(long = "no-quant", value_name = "REGEX")]
+    pub no_quant: Vec<String>,
+    /// Quantization rules from a TOML file (format in README.md; implies --quantize).
+    #[arg(long = "quant-config", value_name = "FILE")]
+    pub quant_config: Option<PathBuf>,
+    /// Dequantize an MLX-quantized model back to float (the scales' dtype, bf16 for the fp modes, or
+    /// --dtype), byte-identical to mx.dequantize. To re-quantize, pass -q etc. instead.
+    #[arg(short = 'd', long)]
+    pub dequantize: bool,
     /// Float type of the output (applied before quantization) [default: the checkpoint's own].
     #[arg(long, value_name = "float16|bfloat16|float32")]
     pub dtype: Option<FloatType>,
@@ -359,24 +381,70 @@ fn list_recipes(as_json: bool) -> Result<i32> {
     Ok(exit::OK)
 }
 
-fn quant_spec(a: &ConvertArgs) -> Result<Option<QuantSpec>> {
-    if a.q_mode != "affine" {
-        return Err(Error::Usage(format!(
-            "--q-mode {}: only `affine` is supported so far",
-            a.q_mode
-        )));
-    }
-    if !(a.quantize || a.q_bits.is_some() || a.q_group_size.is_some()) {
+/// The quantization settings of the command line (and `--quant-config`), before the recipe adds its
+/// defaults: `None` when not quantizing. Every problem is a usage error (exit 2).
+fn quant_rules(a: &ConvertArgs) -> Result<Option<QuantRules>> {
+    let file = match &a.quant_config {
+        Some(p) => Some(QuantConfigFile::read(p)?),
+        None => None,
+    };
+    let f = file.clone().unwrap_or_default();
+    let mode_name = a.q_mode.clone().or(f.mode.clone());
+    let bits = a.q_bits.or(f.bits);
+    let group = a.q_group_size.or(f.group_size);
+    let predicate = a.quant_predicate.clone().or(f.predicate.clone());
+    let wanted = a.quantize
+        || bits.is_some()
+        || group.is_some()
+        || mode_name.is_some()
+        || predicate.is_some()
+        || !a.quant_override.is_empty()
+        || file.is_some();
+    if !wanted {
+        if !a.no_quant.is_empty() {
+            return Err(Error::Usage(
+                "--no-quant only applies when quantizing: add -q (or --q-bits, --q-mode, ...)"
+                    .into(),
+            ));
+        }
         return Ok(None);
     }
-    QuantSpec::new(a.q_bits.unwrap_or(4), a.q_group_size.unwrap_or(64))
-        .map(Some)
-        .map_err(|e| Error::Usage(e.to_string()))
+    let mode = match &mode_name {
+        Some(m) => QuantMode::parse(m).map_err(|e| Error::Usage(format!("--q-mode: {e}")))?,
+        None => QuantMode::Affine,
+    };
+    let default = QuantSpec::for_mode(mode, bits, group).map_err(|e| {
+        Error::Usage(format!(
+            "{e} (--q-mode {mode} takes its own bits and group size; omit --q-bits / --q-group-size)"
+        ))
+    })?;
+    let mut rules = QuantRules::uniform(default);
+    if let Some(p) = &predicate {
+        if mode != QuantMode::Affine {
+            return Err(Error::Usage(format!(
+                "--quant-predicate {p} is an affine recipe (group size 64); it cannot be combined with --q-mode {mode}"
+            )));
+        }
+        rules.predicate = Some(Mixed::parse(p)?);
+    }
+    if let (Some(f), Some(p)) = (&file, &a.quant_config) {
+        rules.file = f.rules(p, default)?;
+    }
+    for o in &a.quant_override {
+        rules
+            .cli
+            .push(quant_rules::parse_override_flag(o, default)?);
+    }
+    for p in &a.no_quant {
+        rules.cli.push(quant_rules::parse_no_quant_flag(p)?);
+    }
+    Ok(Some(rules))
 }
 
 /// `Qwen2-VL-2B-Instruct-4bit`, `...-bf16`: how mlx-community names its uploads.
 pub fn default_output_name(model: &str, quant: Option<QuantSpec>, dtype: Option<DType>) -> String {
     let suffix = match (quant, dtype) {
+        (Some(q), _) if q.mode != QuantMode::Affine => q.mode.as_str().to_string(),
         (Some(q), _) if q.group_size != 64 => format!("{}bit-g{}", q.bits, q.group_size),
         (Some(q), _) => format!("{}bit", q.bits),
         (None, Some(DType::F16)) => "fp16".into(),
@@ -393,7 +461,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
             "--hf-path is required (the checkpoint directory to convert); see --help".into(),
         ));
     };
-    let quant = quant_spec(a)?;
+    let mut quant = quant_rules(a)?;
 
     // Architecture first: an unsupported model fails before any weight file is opened.
     let raw_config = source::load_config(hf_path)?;
@@ -401,30 +469,97 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         Some(p) => Recipe::from_file(p)?,
         None => Recipe::for_config(&raw_config)?,
     };
+    if let Some(rules) = &mut quant {
+        rules.recipe = recipe.quant_overrides(rules.default)?;
+    }
     let source = Source::open(hf_path)?;
-    if source.tensors.keys().any(|n| n.ends_with(".scales")) {
+    let dtype = a.dtype.map(|d| d.dtype());
+    let (packed, headless) = if source.tensors.keys().any(|n| n.ends_with(".scales")) {
+        if !source.is_mlx() {
+            return Err(Error::ConfigInvalid {
+                path: hf_path.join("config.json"),
+                msg: "the checkpoint has `*.scales` tensors but is not an MLX checkpoint (safetensors metadata format != mlx); only MLX-quantized models can be dequantized".into(),
+            });
+        }
+        dequant::find_packed(&source, dtype)?
+    } else {
+        Default::default()
+    };
+    if a.dequantize && quant.is_some() {
+        return Err(Error::Usage(
+            "choose either --dequantize or quantization flags: re-quantizing an MLX model needs only the quantization flags (it is dequantized first)".into(),
+        ));
+    }
+    if a.dequantize && packed.is_empty() {
         return Err(Error::Usage(format!(
-            "{} is already quantized (it has `*.scales` tensors); converting a quantized MLX model again is not supported yet",
+            "--dequantize: {} is not quantized (no `*.scales` tensors)",
             hf_path.display()
         )));
+    }
+    if !packed.is_empty() && !a.dequantize && quant.is_none() {
+        return Err(Error::Usage(format!(
+            "{} is already quantized ({} modules): pass -d/--dequantize to get float weights, or quantization flags (-q, --q-bits, ...) to re-quantize it",
+            hf_path.display(),
+            packed.len()
+        )));
+    }
+    if !packed.is_empty() && quant.is_some() {
+        eprintln!(
+            "warning: {} is already quantized; re-quantizing dequantizes it first, so every weight is rounded twice. Quantizing the original float checkpoint gives a more accurate model.",
+            hf_path.display()
+        );
+    }
+    // A head stored as scales/biases only borrows the embedding's packed weight (Gemma 3's tied
+    // head); the recipe's head rule decides it again, so only that module may come without a weight.
+    let head_module = recipe
+        .head
+        .as_ref()
+        .and_then(|h| h.head.strip_suffix(".weight"));
+    if let Some(n) = headless.iter().find(|n| {
+        let m = n.rsplit_once('.').map(|(m, _)| m);
+        m != head_module
+    }) {
+        return Err(Error::Tensor {
+            path: hf_path.to_path_buf(),
+            tensor: n.clone(),
+            msg: "quantized module without a `weight`: cannot dequantize it".into(),
+        });
     }
     let config = normalize(&source.config, &recipe.config);
     let descs: Vec<SourceDesc> = source
         .tensors
         .iter()
-        .map(|(name, t)| SourceDesc {
-            name: name.clone(),
-            dtype: t.info.dtype,
-            shape: t.info.shape.clone(),
+        .filter(|(name, _)| !headless.contains(name))
+        .filter(|(name, _)| {
+            !packed.values().any(|p| {
+                p.packed.scales == **name || p.packed.biases.as_deref() == Some(name.as_str())
+            })
+        })
+        .map(|(name, t)| match packed.get(name) {
+            Some(u) => SourceDesc {
+                name: name.clone(),
+                dtype: u.dtype,
+                shape: u.shape.clone(),
+                packed: Some(u.packed.clone()),
+            },
+            None => SourceDesc {
+                name: name.clone(),
+                dtype: t.info.dtype,
+                shape: t.info.shape.clone(),
+                packed: None,
+            },
         })
         .collect();
     let opts = PlanOptions {
-        dtype: a.dtype.map(|d| d.dtype()),
-        quant,
+        dtype,
+        quant: quant.clone(),
         max_shard_size: a.max_shard_size,
         source_is_mlx: source.is_mlx(),
     };
     let plan = Plan::build(&descs, &config, &recipe, &opts)?;
+    for w in &plan.warnings {
+        eprintln!("warning: {w}");
+    }
 
     if a.dry_run {
         if a.json {
@@ -437,11 +572,14 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
 
     let out = match &a.mlx_path {
         Some(p) => p.clone(),
-        None => PathBuf::from(default_output_name(
-            &source.display_name(),
-            quant,
-            plan.dtype,
-        )),
+        None => PathBuf::from(match quant.as_ref().and_then(|q| q.predicate.as_ref()) {
+            Some(p) => format!("{}-{}", source.display_name(), p.name),
+            None => default_output_name(
+                &source.display_name(),
+                quant.as_ref().map(|q| q.default),
+                plan.dtype,
+            ),
+        }),
     };
     check_output_path(&source, &out, a.force)?;
     let cancel = Arc::new(AtomicBool::new(false));
@@ -485,7 +623,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     if a.verify {
         return Err(no_mlx());
     }
-    let bpw = stats_bits_per_weight(&plan);
+    let bpw = plan.bits_per_weight();
     if a.json {
         let v = json!({
             "output": out,
@@ -497,11 +635,13 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
             "bytes_read": stats.bytes_read,
             "bytes_written": stats.bytes_written,
             "total_parameters": plan.total_parameters,
-            "bits_per_weight": bpw,
+            "bits_per_weight": bpw.overall,
+            "bits_per_weight_by_part": {"language": bpw.language, "vision": bpw.vision},
             "seconds": secs,
             "files": stats.files,
             "unquantized": plan.unquantized,
             "dropped": plan.dropped,
+            "warnings": plan.warnings,
         });
         #[cfg(feature = "mlx")]
         let v = {
@@ -521,15 +661,18 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
             plan.shards.len(),
             secs
         );
+        let part = |v: Option<f64>| v.map_or("-".to_string(), |b| format!("{b:.2}"));
         eprintln!(
-            "  read {}, wrote {}, {:.2} bits per weight, recipe {}",
+            "  read {}, wrote {}, {:.2} bits per weight (language {}, vision {}), recipe {}",
             human_bytes(stats.bytes_read as u64),
             human_bytes(stats.bytes_written as u64),
-            bpw,
+            bpw.overall,
+            part(bpw.language),
+            part(bpw.vision),
             plan.recipe
         );
-        for u in &plan.unquantized {
-            eprintln!("  kept float: {} ({})", u.module, u.reason);
+        for line in kept_float_lines(&plan) {
+            eprintln!("  {line}");
         }
     }
     #[cfg(feature = "mlx")]
@@ -548,11 +691,34 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     Ok(exit::OK)
 }
 
-fn stats_bits_per_weight(plan: &Plan) -> f64 {
-    if plan.total_parameters == 0 {
-        return 0.0;
+/// The modules left float, one line each, except that reasons shared by more than 3 modules (a
+/// vision tower) are one line with a count and examples.
+fn kept_float_lines(plan: &Plan) -> Vec<String> {
+    let mut by_reason: Vec<(&str, Vec<&str>)> = Vec::new();
+    for u in &plan.unquantized {
+        match by_reason.iter_mut().find(|(r, _)| *r == u.reason) {
+            Some((_, v)) => v.push(&u.module),
+            None => by_reason.push((&u.reason, vec![&u.module])),
+        }
     }
-    plan.total_size as f64 * 8.0 / plan.total_parameters as f64
+    let mut out = Vec::new();
+    for (reason, modules) in by_reason {
+        if modules.len() <= 3 {
+            out.extend(
+                modules
+                    .iter()
+                    .map(|m| format!("kept float: {m} ({reason})")),
+            );
+        } else {
+            out.push(format!(
+                "kept float: {} modules ({reason}), e.g. {}, {} (--dry-run lists them)",
+                modules.len(),
+                modules[0],
+                modules[1]
+            ));
+        }
+    }
+    out
 }
 
 fn command_line() -> String {

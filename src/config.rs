@@ -230,8 +230,20 @@ pub struct QuantConfig {
     pub group_size: usize,
     pub bits: u32,
     pub mode: String,
-    /// Per-module settings (MLX module path -> (group_size, bits, mode)), when a policy chose them.
-    pub per_module: Vec<(String, usize, u32, String)>,
+    /// Per-module settings, when a rule chose them (mlx-vlm writes them for every quantized module
+    /// under a mixed predicate, otherwise only where a module differs from the top level).
+    pub per_module: Vec<ModuleQuant>,
+}
+
+/// One per-module entry of `quantization`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleQuant {
+    /// MLX module path (no `.weight`).
+    pub path: String,
+    pub group_size: usize,
+    pub bits: u32,
+    /// Written when `Some`; mlx-vlm's mixed predicates write no mode (the loader then uses affine).
+    pub mode: Option<String>,
 }
 
 impl QuantConfig {
@@ -240,11 +252,14 @@ impl QuantConfig {
         m.insert("group_size".into(), self.group_size.into());
         m.insert("bits".into(), self.bits.into());
         m.insert("mode".into(), self.mode.clone().into());
-        for (path, g, b, mode) in &self.per_module {
-            m.insert(
-                path.clone(),
-                serde_json::json!({"group_size": g, "bits": b, "mode": mode}),
-            );
+        for e in &self.per_module {
+            let mut o = Map::new();
+            o.insert("group_size".into(), e.group_size.into());
+            o.insert("bits".into(), e.bits.into());
+            if let Some(mode) = &e.mode {
+                o.insert("mode".into(), mode.clone().into());
+            }
+            m.insert(e.path.clone(), Value::Object(o));
         }
         Value::Object(m)
     }

@@ -107,7 +107,7 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
-    #[error("quantizing `{tensor}`: {source}")]
+    #[error("(de)quantizing `{tensor}`: {source}")]
     Quant {
         tensor: String,
         #[source]

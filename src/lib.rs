@@ -9,6 +9,7 @@
 pub mod check;
 pub mod cli;
 pub mod config;
+pub mod dequant;
 pub mod dtype;
 pub mod error;
 #[cfg(feature = "mlx")]
@@ -16,6 +17,7 @@ pub mod mlx;
 pub mod pipeline;
 pub mod plan;
 pub mod quant;
+pub mod quant_rules;
 pub mod recipe;
 pub mod shard;
 pub mod source;

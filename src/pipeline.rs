@@ -276,8 +276,8 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
         *pending[j.tensor].get_mut() += 1;
     }
     jobs.par_iter().try_for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(cast_buf, perm_buf), job| -> Result<()> {
+        || (Vec::new(), Vec::new(), Vec::new()),
+        |(cast_buf, perm_buf, deq_buf), job| -> Result<()> {
             if spec.cancel.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted);
             }
@@ -286,8 +286,11 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
             let all = source.data(st);
             let k = t.row_len().max(1);
             let esize = t.source_dtype.size();
-            // Layout change first (whole tensor), so rows below are rows of the output layout.
-            let src: &[u8] = if let Some(layout) = &t.layout {
+            // A packed source is dequantized first (MLX sources never have a layout change).
+            let src: &[u8] = if let Some(p) = &t.packed {
+                dequantize_rows(source, t, p, job, all, deq_buf)?;
+                deq_buf
+            } else if let Some(layout) = &t.layout {
                 permute(all, &t.source_shape, &layout.perm(), esize, perm_buf);
                 perm_buf
             } else {
@@ -329,7 +332,8 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
             let (start, len) = if t.layout.is_some() {
                 (0, all.len())
             } else {
-                (job.rows.start * k * esize, job.rows.len() * k * esize)
+                let rb = t.source_row_bytes();
+                (job.rows.start * rb, job.rows.len() * rb)
             };
             source.shards[st.shard].release(&st.info, start, len);
             bar.inc(len as u64);
@@ -348,6 +352,44 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
         w.finish()?;
     }
     Ok(written)
+}
+
+/// Dequantizes the rows `job.rows` of a packed source weight into `out` (`t.source_dtype`).
+fn dequantize_rows(
+    source: &Source,
+    t: &TensorPlan,
+    p: &crate::dequant::Packed,
+    job: &Job,
+    packed: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    let k = t.row_len();
+    let spec = p.spec;
+    let rows = job.rows.clone();
+    let wrow = k * spec.bits as usize / 8;
+    let srow = (k / spec.group_size) * p.scale_dtype.size();
+    let part = |name: &str| -> &[u8] {
+        let st = &source.tensors[name];
+        &source.data(st)[rows.start * srow..rows.end * srow]
+    };
+    let scales = part(&p.scales);
+    let biases = p.biases.as_deref().map(part).unwrap_or(&[]);
+    out.clear();
+    out.resize(rows.len() * k * t.source_dtype.size(), 0);
+    quant::dequantize(
+        &packed[rows.start * wrow..rows.end * wrow],
+        scales,
+        biases,
+        p.scale_dtype,
+        k,
+        spec,
+        t.source_dtype,
+        out,
+    )
+    .map_err(|e| Error::Quant {
+        tensor: t.source.clone(),
+        source: e,
+    })
 }
 
 fn quantize_rows(
@@ -408,6 +450,11 @@ pub fn permute(src: &[u8], shape: &[usize], perm: &[usize], esize: usize, out: &
 
 fn model_card(plan: &Plan, spec: &OutputSpec) -> String {
     let what = match &plan.quant {
+        Some(q) if q.mode != "affine" => format!("quantized to {} ({} bits, group size {})", q.mode, q.bits, q.group_size),
+        Some(q) if !q.per_module.is_empty() => format!(
+            "quantized to {} bits (group size {}, affine) with per-module settings (see config.json)",
+            q.bits, q.group_size
+        ),
         Some(q) => format!(
             "quantized to {} bits (group size {}, affine)",
             q.bits, q.group_size
@@ -447,10 +494,12 @@ pub fn plan_json(plan: &Plan) -> Value {
         "quantization": plan.quant.as_ref().map(|q| q.to_json()),
         "total_size": plan.total_size,
         "total_parameters": plan.total_parameters,
+        "bits_per_weight": plan.bits_per_weight(),
         "shards": plan.shards.iter().map(|s| json!({"file": s.file_name, "bytes": s.header.file_len, "tensors": s.tensors.len()})).collect::<Vec<_>>(),
         "tensors": plan.tensors,
         "dropped": plan.dropped,
         "unquantized": plan.unquantized,
+        "warnings": plan.warnings,
     })
 }
 

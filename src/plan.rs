@@ -2,10 +2,12 @@
 //! shard and byte offset. Built from tensor descriptions only (no tensor bytes), so `--dry-run` is
 //! instant and every mapping error surfaces before the slow part.
 
-use crate::config::{ConfigView, QuantConfig};
+use crate::config::{ConfigView, ModuleQuant, QuantConfig};
+use crate::dequant::Packed;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::quant::{self, QuantSpec};
+use crate::quant::{self, QuantMode, QuantSpec};
+use crate::quant_rules::QuantRules;
 use crate::recipe::{Action, Layout, Recipe, TiedHead};
 use crate::shard::{layout_shard, ShardHeader, TensorLayout};
 use serde::Serialize;
@@ -19,8 +21,11 @@ const LOADER_SIZE_MULTIPLE: usize = 64;
 #[derive(Debug, Clone)]
 pub struct SourceDesc {
     pub name: String,
+    /// For a packed (MLX-quantized) weight: the float dtype and shape it dequantizes to.
     pub dtype: DType,
     pub shape: Vec<usize>,
+    /// The tensor is an MLX-quantized weight, dequantized on read.
+    pub packed: Option<Packed>,
 }
 
 /// Conversion settings that shape the plan.
@@ -28,7 +33,8 @@ pub struct SourceDesc {
 pub struct PlanOptions {
     /// `--dtype`; `None` means the checkpoint's own dtype from config.json.
     pub dtype: Option<DType>,
-    pub quant: Option<QuantSpec>,
+    /// Quantize, with these per-module rules.
+    pub quant: Option<QuantRules>,
     pub max_shard_size: u64,
     /// The source was written by MLX: its layouts are already MLX's, so no layout change applies.
     pub source_is_mlx: bool,
@@ -81,8 +87,22 @@ pub struct TensorPlan {
     #[serde(serialize_with = "ser_quant")]
     pub quant: Option<QuantSpec>,
     /// `[tensor]`, or `[weight, scales, biases]` when quantized (`[scales, biases]` for a head whose
-    /// packed weight the loader takes from the embedding).
+    /// packed weight the loader takes from the embedding; no biases in the fp modes).
     pub outputs: Vec<OutputTensor>,
+    /// The source is an MLX-quantized weight (`source_dtype`/`source_shape` describe the float
+    /// tensor it dequantizes to).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "ser_packed")]
+    pub packed: Option<Packed>,
+}
+
+fn ser_packed<S: serde::Serializer>(
+    p: &Option<Packed>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match p {
+        Some(p) => s.serialize_str(&format!("dequantize {}", p.spec.label())),
+        None => s.serialize_none(),
+    }
 }
 
 fn ser_layout<S: serde::Serializer>(
@@ -100,7 +120,7 @@ fn ser_quant<S: serde::Serializer>(
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {
     match q {
-        Some(q) => s.serialize_str(&format!("affine b{} g{}", q.bits, q.group_size)),
+        Some(q) => s.serialize_str(&q.label()),
         None => s.serialize_none(),
     }
 }
@@ -123,8 +143,22 @@ impl TensorPlan {
         self.source_shape.iter().product()
     }
 
+    /// Bytes read from the source: the packed weight for a quantized source (its scales and biases
+    /// are small and not counted).
     pub fn source_bytes(&self) -> usize {
-        self.numel() * self.source_dtype.size()
+        match &self.packed {
+            Some(p) => self.numel() * p.spec.bits as usize / 8,
+            None => self.numel() * self.source_dtype.size(),
+        }
+    }
+
+    /// Bytes of one source row (the last axis).
+    pub fn source_row_bytes(&self) -> usize {
+        let k = self.source_shape.last().copied().unwrap_or(1);
+        match &self.packed {
+            Some(p) => k * p.spec.bits as usize / 8,
+            None => k * self.source_dtype.size(),
+        }
     }
 }
 
@@ -135,11 +169,20 @@ pub struct ShardPlan {
     pub header: ShardHeader,
 }
 
-/// A module that could have been quantized but stays float, and why.
+/// A module (a matrix weight) left float in a quantized conversion, and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Unquantized {
     pub module: String,
     pub reason: String,
+}
+
+/// Effective bits per weight (see [`Plan::bits_per_weight`]).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct BitsPerWeight {
+    pub overall: f64,
+    pub language: Option<f64>,
+    /// Everything outside `language_model.`: the vision tower and projector.
+    pub vision: Option<f64>,
 }
 
 /// A source tensor left out, and why.
@@ -164,6 +207,8 @@ pub struct Plan {
     pub total_parameters: usize,
     /// Settings the plan resolved that config.json must carry (dotted key, value).
     pub config_updates: Vec<(String, serde_json::Value)>,
+    /// Things the user should know (e.g. an override that matched no module).
+    pub warnings: Vec<String>,
 }
 
 impl Plan {
@@ -295,9 +340,22 @@ impl Plan {
         }
 
         // 3. Per tensor: layout, dtype, quantization.
+        let layers = match &opts.quant {
+            Some(rules) if rules.predicate.is_some() => view
+                .text_field("num_hidden_layers")
+                .and_then(serde_json::Value::as_u64)
+                .map(|n| n as usize)
+                .ok_or_else(|| {
+                    Error::Plan(
+                        "--quant-predicate needs the language model's layer count, but config.json has no `num_hidden_layers` (top level or text_config)".into(),
+                    )
+                })?,
+            _ => 0,
+        };
         renamed.sort_by(|a, b| a.1.cmp(&b.1));
         let mut tensors = Vec::with_capacity(renamed.len());
         let mut unquantized = Vec::new();
+        let mut candidates = Vec::new();
         let mut total_parameters = 0usize;
         for (s, name) in renamed {
             let layout = if opts.source_is_mlx {
@@ -335,21 +393,37 @@ impl Plan {
                 dtype,
                 quant: None,
                 outputs: Vec::new(),
+                packed: s.packed.clone(),
             };
             total_parameters += tp.numel();
-            if let Some(spec) = opts.quant {
-                if let Some(module) = name.strip_suffix(".weight") {
-                    // Vectors (norms, biases) are never Linear/Embedding weights: not candidates.
-                    if recipe.quantize.allows(module)
-                        && tp.layout.is_none()
-                        && tp.source_shape.len() >= 2
-                    {
-                        match quantizable(&tp, spec) {
-                            Ok(()) => tp.quant = Some(spec),
-                            Err(reason) => unquantized.push(Unquantized {
-                                module: module.to_string(),
-                                reason,
-                            }),
+            if let (Some(rules), Some(module)) = (&opts.quant, name.strip_suffix(".weight")) {
+                // Vectors (norms, biases) are never Linear/Embedding weights: not candidates.
+                if tp.source_shape.len() >= 2 {
+                    let keep = |reason: String| Unquantized {
+                        module: module.to_string(),
+                        reason,
+                    };
+                    if tp.layout.is_some() {
+                        unquantized.push(keep(
+                            "convolution weight (layout change): never quantized".into(),
+                        ));
+                    } else if !recipe.quantize.allows(module) {
+                        unquantized.push(keep(format!(
+                            "recipe {}'s [quantize] policy keeps it float, as mlx-vlm does (vision towers, projectors, ...)",
+                            recipe.name
+                        )));
+                    } else {
+                        candidates.push(module.to_string());
+                        let choice = rules.choose(module, layers);
+                        match choice.spec {
+                            None => unquantized.push(keep(format!(
+                                "kept float by {}",
+                                choice.rule.as_deref().unwrap_or("a rule")
+                            ))),
+                            Some(spec) => match quantizable(&tp, spec) {
+                                Ok(()) => tp.quant = Some(spec),
+                                Err(reason) => unquantized.push(keep(reason)),
+                            },
                         }
                     }
                 }
@@ -378,6 +452,18 @@ impl Plan {
                 }
             }
             unquantized.retain(|u| format!("{}.weight", u.module) != *head);
+        }
+        let mut warnings = Vec::new();
+        if let Some(rules) = &opts.quant {
+            for o in rules.user_overrides() {
+                if !candidates.iter().any(|m| o.pattern.is_match(m)) {
+                    warnings.push(format!(
+                        "{} matches no quantizable module (module paths look like `{}`)",
+                        o.origin,
+                        candidates.first().map(String::as_str).unwrap_or("-")
+                    ));
+                }
+            }
         }
 
         // 4. Shards: greedy in name order under the size cap, as mlx-vlm's make_shards does.
@@ -440,11 +526,11 @@ impl Plan {
             .flat_map(|t| t.outputs.iter())
             .map(|o| o.nbytes)
             .sum();
-        let quant = opts.quant.map(|q| QuantConfig {
-            group_size: q.group_size,
-            bits: q.bits,
-            mode: "affine".into(),
-            per_module: Vec::new(),
+        let quant = opts.quant.as_ref().map(|rules| QuantConfig {
+            group_size: rules.default.group_size,
+            bits: rules.default.bits,
+            mode: rules.default.mode.as_str().into(),
+            per_module: per_module_entries(&tensors, rules),
         });
         Ok(Plan {
             recipe: recipe.name.clone(),
@@ -457,7 +543,34 @@ impl Plan {
             total_size,
             total_parameters,
             config_updates,
+            warnings,
         })
+    }
+
+    /// Effective bits per weight: every output byte (packed weights, scales, biases, float tensors)
+    /// times 8 over the logical parameters, overall and for the language model (MLX paths under
+    /// `language_model.`) vs the rest (vision tower, projector). `None` for a part without parameters.
+    pub fn bits_per_weight(&self) -> BitsPerWeight {
+        let (mut lang, mut other) = ((0usize, 0usize), (0usize, 0usize));
+        for t in &self.tensors {
+            let bytes: usize = t.outputs.iter().map(|o| o.nbytes).sum();
+            // A head that borrows the embedding's packed weight has no parameters of its own.
+            let borrowed = t.quant.is_some() && !t.outputs.iter().any(|o| o.role == Role::Weight);
+            let params = if borrowed { 0 } else { t.numel() };
+            let part = if t.name.starts_with("language_model.") {
+                &mut lang
+            } else {
+                &mut other
+            };
+            part.0 += bytes;
+            part.1 += params;
+        }
+        let bpw = |(b, p): (usize, usize)| (p > 0).then(|| b as f64 * 8.0 / p as f64);
+        BitsPerWeight {
+            overall: bpw((lang.0 + other.0, lang.1 + other.1)).unwrap_or(0.0),
+            language: bpw(lang),
+            vision: bpw(other),
+        }
     }
 
     pub fn quantized_count(&self) -> usize {
@@ -467,6 +580,28 @@ impl Plan {
     pub fn source_bytes(&self) -> usize {
         self.tensors.iter().map(|t| t.source_bytes()).sum()
     }
+}
+
+/// config.json's per-module entries: under a mixed predicate one for every quantized module, as
+/// mlx-vlm writes them (`group_size` and `bits`, plus `mode` only where a rule made it non-affine);
+/// otherwise one (with `mode`) for each module whose settings differ from the top level.
+fn per_module_entries(tensors: &[TensorPlan], rules: &QuantRules) -> Vec<ModuleQuant> {
+    let all = rules.predicate.is_some();
+    tensors
+        .iter()
+        .filter_map(|t| {
+            let q = t.quant?;
+            if !all && q == rules.default {
+                return None;
+            }
+            Some(ModuleQuant {
+                path: t.name.strip_suffix(".weight")?.to_string(),
+                group_size: q.group_size,
+                bits: q.bits,
+                mode: (!all || q.mode != QuantMode::Affine).then(|| q.mode.as_str().to_string()),
+            })
+        })
+        .collect()
 }
 
 /// The output tensors of a plan entry; `alias` leaves out the packed weight (the loader takes the
@@ -488,6 +623,7 @@ fn outputs_for(t: &TensorPlan, alias: bool) -> Vec<OutputTensor> {
         v
     };
     let groups = k / spec.group_size;
+    let sdtype = quant::scales_dtype(spec, t.dtype);
     let mut v = vec![
         out(
             &t.name,
@@ -498,16 +634,18 @@ fn outputs_for(t: &TensorPlan, alias: bool) -> Vec<OutputTensor> {
         out(
             &format!("{module}.scales"),
             Role::Scales,
-            t.dtype,
+            sdtype,
             with_last(groups),
         ),
-        out(
+    ];
+    if spec.mode.has_biases() {
+        v.push(out(
             &format!("{module}.biases"),
             Role::Biases,
             t.dtype,
             with_last(groups),
-        ),
-    ];
+        ));
+    }
     if alias {
         v.remove(0);
     }
@@ -542,8 +680,9 @@ fn quantizable(t: &TensorPlan, spec: QuantSpec) -> std::result::Result<(), Strin
     let k = *shape.last().expect("len >= 2");
     if k % spec.group_size != 0 {
         return Err(format!(
-            "last dimension {k} is not a multiple of the group size {}",
-            spec.group_size
+            "last dimension {k} is not a multiple of the group size {} ({})",
+            spec.group_size,
+            spec.label()
         ));
     }
     if t.numel() % LOADER_SIZE_MULTIPLE != 0 {

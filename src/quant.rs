@@ -29,6 +29,11 @@
 //!   group stores `s = -1e-7` rounded to the dtype (f16: `-1.1921e-7`, a subnormal).
 //! - 3-, 5- and 6-bit levels are written as byte packs (8 levels in 3 or 5 bytes, 4 levels in 3 bytes),
 //!   which is the same LSB-first bit stream; groups always start on a byte boundary.
+//!
+//! The floating-point modes (`mxfp4`, `nvfp4`, `mxfp8`: no biases, `U8` scales) live in [`fp`]; the
+//! entry points here dispatch on [`QuantSpec::mode`], so the affine path pays one branch per call.
+
+mod fp;
 
 use crate::dtype::DType;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
@@ -60,26 +65,140 @@ pub enum QuantError {
         got: usize,
         row_bytes: usize,
     },
-    #[error("unsupported dtype {0} for affine quantization: use F32, F16 or BF16")]
+    #[error("unsupported dtype {0} for quantization: use F32, F16 or BF16")]
     UnsupportedDType(DType),
+    #[error("{mode} quantization needs {want_bits} bits and group size {want_group}, not {bits} bits and group size {group_size}")]
+    ModeParams {
+        mode: QuantMode,
+        bits: u32,
+        group_size: usize,
+        want_bits: u32,
+        want_group: usize,
+    },
+    #[error("unknown quantization mode `{0}`: use affine, mxfp4, nvfp4 or mxfp8")]
+    BadMode(String),
+    #[error("{mode} scales must be U8, got {got}")]
+    ScaleDType { mode: QuantMode, got: DType },
 }
 
-/// Affine quantization parameters.
+/// How group values are encoded: MLX's `mode` argument of `mx.quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum QuantMode {
+    /// Integer levels with a per-group scale and bias in the weight's dtype.
+    #[default]
+    Affine,
+    /// OCP MX: E2M1 elements, E8M0 power-of-two scale per 32.
+    Mxfp4,
+    /// NVIDIA: E2M1 elements, E4M3 scale per 16.
+    Nvfp4,
+    /// OCP MX: E4M3 elements, E8M0 scale per 32.
+    Mxfp8,
+}
+
+impl QuantMode {
+    pub const ALL: [QuantMode; 4] = [
+        QuantMode::Affine,
+        QuantMode::Mxfp4,
+        QuantMode::Nvfp4,
+        QuantMode::Mxfp8,
+    ];
+
+    /// The name MLX and config.json use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantMode::Affine => "affine",
+            QuantMode::Mxfp4 => "mxfp4",
+            QuantMode::Nvfp4 => "nvfp4",
+            QuantMode::Mxfp8 => "mxfp8",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<QuantMode, QuantError> {
+        QuantMode::ALL
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| QuantError::BadMode(s.to_string()))
+    }
+
+    /// MLX's defaults (bits, group size); the fp modes accept nothing else.
+    pub fn defaults(self) -> (u32, usize) {
+        match self {
+            QuantMode::Affine => (4, 64),
+            QuantMode::Mxfp4 => (4, 32),
+            QuantMode::Nvfp4 => (4, 16),
+            QuantMode::Mxfp8 => (8, 32),
+        }
+    }
+
+    /// Affine stores `biases`; the fp modes do not.
+    pub fn has_biases(self) -> bool {
+        self == QuantMode::Affine
+    }
+}
+
+impl std::fmt::Display for QuantMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Quantization parameters of one tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QuantSpec {
     pub bits: u32,
     pub group_size: usize,
+    pub mode: QuantMode,
 }
 
 impl QuantSpec {
-    /// Checks `bits` in {2, 3, 4, 5, 6, 8} and `group_size` in {32, 64, 128}.
+    /// Affine: checks `bits` in {2, 3, 4, 5, 6, 8} and `group_size` in {32, 64, 128}.
     pub fn new(bits: u32, group_size: usize) -> Result<Self, QuantError> {
-        let spec = QuantSpec { bits, group_size };
+        Self::with_mode(QuantMode::Affine, bits, group_size)
+    }
+
+    /// Any mode; the fp modes only take their fixed bits and group size ([`QuantMode::defaults`]).
+    pub fn with_mode(mode: QuantMode, bits: u32, group_size: usize) -> Result<Self, QuantError> {
+        let spec = QuantSpec {
+            bits,
+            group_size,
+            mode,
+        };
         spec.validate()?;
         Ok(spec)
     }
 
+    /// The mode's defaults, filled in where `bits` / `group_size` are `None`.
+    pub fn for_mode(
+        mode: QuantMode,
+        bits: Option<u32>,
+        group_size: Option<usize>,
+    ) -> Result<Self, QuantError> {
+        let (b, g) = mode.defaults();
+        Self::with_mode(mode, bits.unwrap_or(b), group_size.unwrap_or(g))
+    }
+
+    /// `affine b4 g64`, `mxfp4`: how plans and summaries name a spec.
+    pub fn label(self) -> String {
+        match self.mode {
+            QuantMode::Affine => format!("affine b{} g{}", self.bits, self.group_size),
+            m => m.as_str().to_string(),
+        }
+    }
+
     fn validate(self) -> Result<(), QuantError> {
+        if self.mode != QuantMode::Affine {
+            let (want_bits, want_group) = self.mode.defaults();
+            if (self.bits, self.group_size) != (want_bits, want_group) {
+                return Err(QuantError::ModeParams {
+                    mode: self.mode,
+                    bits: self.bits,
+                    group_size: self.group_size,
+                    want_bits,
+                    want_group,
+                });
+            }
+            return Ok(());
+        }
         if !matches!(self.bits, 2 | 3 | 4 | 5 | 6 | 8) {
             return Err(QuantError::BadBits(self.bits));
         }
@@ -90,7 +209,7 @@ impl QuantSpec {
     }
 
     /// Checks the spec and that `k` is a positive multiple of the group size.
-    fn check_k(self, k: usize) -> Result<(), QuantError> {
+    pub(crate) fn check_k(self, k: usize) -> Result<(), QuantError> {
         self.validate()?;
         if k == 0 || k % self.group_size != 0 {
             return Err(QuantError::KNotMultiple {
@@ -102,8 +221,9 @@ impl QuantSpec {
     }
 }
 
-/// Byte sizes of the three outputs (packed weight, scales, biases) for `rows` rows of `k` elements,
-/// scales and biases in `dtype`. Meaningful when `k` is a multiple of `spec.group_size`.
+/// Byte sizes of the three outputs (packed weight, scales, biases) for `rows` rows of `k` elements of
+/// a `dtype` weight: affine scales and biases are in `dtype`, fp-mode scales are `U8` and there are
+/// no biases (size 0). Meaningful when `k` is a multiple of `spec.group_size`.
 pub fn quantized_sizes(
     rows: usize,
     k: usize,
@@ -111,18 +231,31 @@ pub fn quantized_sizes(
     dtype: DType,
 ) -> (usize, usize, usize) {
     let weight = rows * (k * spec.bits as usize / 32) * 4;
-    let scales = rows * (k / spec.group_size.max(1)) * dtype.size();
-    (weight, scales, scales)
+    let groups = rows * (k / spec.group_size.max(1));
+    if spec.mode.has_biases() {
+        (weight, groups * dtype.size(), groups * dtype.size())
+    } else {
+        (weight, groups, 0)
+    }
+}
+
+/// The dtype of the stored scales for a weight of `dtype`.
+pub fn scales_dtype(spec: QuantSpec, dtype: DType) -> DType {
+    if spec.mode.has_biases() {
+        dtype
+    } else {
+        DType::U8
+    }
 }
 
 /// Elements per parallel task (about 256K input elements, at least one row).
-const TASK_ELEMS: usize = 1 << 18;
+pub(crate) const TASK_ELEMS: usize = 1 << 18;
 
-fn rows_per_task(k: usize) -> usize {
+pub(crate) fn rows_per_task(k: usize) -> usize {
     (TASK_ELEMS / k).max(1)
 }
 
-fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), QuantError> {
+pub(crate) fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), QuantError> {
     if expected != got {
         return Err(QuantError::SizeMismatch {
             what,
@@ -133,7 +266,7 @@ fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), Quan
     Ok(())
 }
 
-fn check_float(dtype: DType) -> Result<(), QuantError> {
+pub(crate) fn check_float(dtype: DType) -> Result<(), QuantError> {
     match dtype {
         DType::F32 | DType::F16 | DType::BF16 => Ok(()),
         other => Err(QuantError::UnsupportedDType(other)),
@@ -174,6 +307,10 @@ pub fn quantize(
     check_len("scales", sb, scales_out.len())?;
     check_len("biases", bb, biases_out.len())?;
     if rows == 0 {
+        return Ok(());
+    }
+    if spec.mode != QuantMode::Affine {
+        fp::quantize(src, dtype, k, spec, weight_out, scales_out);
         return Ok(());
     }
     match dtype {
@@ -322,10 +459,11 @@ fn quantize_group<const B: u32>(x: &[f32], out: &mut [u8]) -> (f32, f32) {
     (scale, bias)
 }
 
-/// Dequantizes MLX affine-quantized rows (packed `weight`, `scales` and `biases` in `scale_dtype`),
+/// Dequantizes MLX-quantized rows (packed `weight`, `scales` and `biases` in `scale_dtype`),
 /// byte-identical to `mx.dequantize(w, scales, biases, group_size, bits, dtype=out_dtype,
-/// stream=mx.cpu)`: `q * s` rounded to `scale_dtype`, plus `b` rounded to `scale_dtype`, then cast to
-/// `out_dtype` (see the module notes; pass F32 scales for an exact f32 result).
+/// stream=mx.cpu)`. Affine: `q * s` rounded to `scale_dtype`, plus `b` rounded to `scale_dtype`, then
+/// cast to `out_dtype` (see the module notes; pass F32 scales for an exact f32 result). fp modes:
+/// `scale_dtype` is `U8`, `biases` is empty, and the arithmetic is in `out_dtype` (see [`fp`]).
 #[allow(clippy::too_many_arguments)]
 pub fn dequantize(
     weight: &[u8],
@@ -337,8 +475,11 @@ pub fn dequantize(
     out_dtype: DType,
     out: &mut [u8],
 ) -> Result<(), QuantError> {
-    check_float(scale_dtype)?;
     check_float(out_dtype)?;
+    if spec.mode != QuantMode::Affine {
+        return fp::dequantize(weight, scales, biases, scale_dtype, k, spec, out_dtype, out);
+    }
+    check_float(scale_dtype)?;
     spec.check_k(k)?;
     let row_wbytes = k * spec.bits as usize / 8;
     if weight.len() % row_wbytes != 0 {
@@ -440,7 +581,7 @@ fn dequantize_par<S: Float, const B: u32>(
 }
 
 /// Writes f32 values as `dt` (round to nearest even), little-endian.
-fn store_slice(dt: DType, x: &[f32], out: &mut [u8]) {
+pub(crate) fn store_slice(dt: DType, x: &[f32], out: &mut [u8]) {
     match dt {
         DType::F32 => {
             for (v, o) in x.iter().zip(out.chunks_exact_mut(4)) {
@@ -474,8 +615,10 @@ fn bf16_bits(v: f32) -> u16 {
 }
 
 /// The three float element types, monomorphized so the inner loops have no per-element dispatch.
-trait Float: Send + Sync {
+pub(crate) trait Float: Send + Sync {
     const SIZE: usize;
+    /// Rounds one value to this type (nearest even) and back to f32.
+    fn round(v: f32) -> f32;
     /// Converts `dst.len()` little-endian elements from `src` to f32 (exact).
     fn load(src: &[u8], dst: &mut [f32]);
     /// Reads one element.
@@ -486,12 +629,16 @@ trait Float: Send + Sync {
     fn store(v: f32, dst: &mut [u8]);
 }
 
-struct F32;
-struct F16;
-struct BF16;
+pub(crate) struct F32;
+pub(crate) struct F16;
+pub(crate) struct BF16;
 
 impl Float for F32 {
     const SIZE: usize = 4;
+    #[inline]
+    fn round(v: f32) -> f32 {
+        v
+    }
     #[inline]
     fn load(src: &[u8], dst: &mut [f32]) {
         for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
@@ -512,6 +659,10 @@ impl Float for F32 {
 
 impl Float for F16 {
     const SIZE: usize = 2;
+    #[inline]
+    fn round(v: f32) -> f32 {
+        f16::from_f32(v).to_f32()
+    }
     #[inline]
     fn load(src: &[u8], dst: &mut [f32]) {
         let mut bits = [0u16; 128];
@@ -541,6 +692,10 @@ impl Float for F16 {
 
 impl Float for BF16 {
     const SIZE: usize = 2;
+    #[inline]
+    fn round(v: f32) -> f32 {
+        f32::from_bits((bf16_bits(v) as u32) << 16)
+    }
     #[inline]
     fn load(src: &[u8], dst: &mut [f32]) {
         for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
@@ -657,6 +812,7 @@ mod tests {
         let bad = QuantSpec {
             bits: 7,
             group_size: 64,
+            mode: QuantMode::Affine,
         };
         let e = quantize(&src, DType::F32, 64, bad, &mut w, &mut s, &mut b).unwrap_err();
         assert_eq!(e, QuantError::BadBits(7));

@@ -6,6 +6,8 @@
 //! See `recipes/README.md` for the file format.
 
 use crate::error::{Error, Result};
+use crate::quant::QuantSpec;
+use crate::quant_rules::{Override, OverrideEntry};
 use regex::Regex;
 use serde::Deserialize;
 use std::path::Path;
@@ -97,11 +99,14 @@ pub enum TiedHead {
     Alias,
 }
 
-/// Which modules may be quantized.
+/// Which modules may be quantized, and the recipe's default per-module settings.
 #[derive(Debug, Clone)]
 pub struct QuantPolicy {
     pub modules: Vec<Regex>,
     pub exclude: Vec<Regex>,
+    /// `[[quantize.override]]`: defaults for some modules (anchored patterns), resolved against the
+    /// run's top-level settings by [`crate::quant_rules`]; every user rule beats them.
+    pub overrides: Vec<OverrideEntry>,
 }
 
 impl QuantPolicy {
@@ -212,6 +217,8 @@ struct QuantFile {
     modules: Vec<String>,
     #[serde(default)]
     exclude: Vec<String>,
+    #[serde(default, rename = "override")]
+    overrides: Vec<OverrideEntry>,
 }
 
 fn anchored(recipe: &str, what: &str, pat: &str) -> Result<Regex> {
@@ -313,7 +320,15 @@ impl Recipe {
                 .iter()
                 .map(|p| anchored(origin, "quantize.exclude", p))
                 .collect::<Result<_>>()?,
+            overrides: f.quantize.overrides,
         };
+        // Check the overrides now (against a plain 4-bit top level) so a bad one names the recipe
+        // before any weight is read.
+        let probe = QuantSpec::new(4, 64).expect("valid");
+        for o in &quantize.overrides {
+            o.to_override(probe, true, "recipe")
+                .map_err(|e| err(format!("quantize.override: {e}")))?;
+        }
         Ok(Recipe {
             name: f.name,
             description: f.description,
@@ -395,6 +410,22 @@ impl Recipe {
                 Action::Drop(why) => Action::Drop(why.clone()),
             })
         })
+    }
+
+    /// The recipe's `[[quantize.override]]` rules resolved against the run's top-level settings.
+    pub fn quant_overrides(&self, top: QuantSpec) -> Result<Vec<Override>> {
+        let origin = format!("recipe {}", self.name);
+        self.quantize
+            .overrides
+            .iter()
+            .map(|o| {
+                o.to_override(top, true, &origin)
+                    .map_err(|e| Error::Recipe {
+                        recipe: self.origin.clone(),
+                        msg: format!("quantize.override: {e}"),
+                    })
+            })
+            .collect()
     }
 
     /// The layout change for an MLX tensor name, if any.

@@ -3,7 +3,7 @@
 
 use safetensors::SafeTensors;
 use vlm_convert::dtype::DType;
-use vlm_convert::quant::{dequantize, quantize, quantized_sizes, QuantSpec};
+use vlm_convert::quant::{dequantize, quantize, quantized_sizes, QuantMode, QuantSpec};
 
 const BITS: [u32; 6] = [2, 3, 4, 5, 6, 8];
 const GROUPS: [usize; 3] = [32, 64, 128];
@@ -18,6 +18,8 @@ fn golden_path(name: &str) -> std::path::PathBuf {
         .join("fixtures/golden/quant")
         .join(format!("quant_{name}.safetensors"))
 }
+
+const FP_MODES: [QuantMode; 3] = [QuantMode::Mxfp4, QuantMode::Nvfp4, QuantMode::Mxfp8];
 
 fn tensor<'a>(st: &'a SafeTensors<'a>, name: &str, dtype: DType) -> (&'a [u8], Vec<usize>) {
     let t = st
@@ -136,4 +138,43 @@ fn row_chunking_does_not_change_bytes() {
         .unwrap();
         assert_eq!(qw, gw[r * wb..(r + 1) * wb]);
     }
+}
+
+/// The fp modes (mxfp4, nvfp4, mxfp8) on the crafted matrices of `quant_fp_*.safetensors`: packed
+/// weight and U8 scales byte for byte, and dequantization to bf16 (MLX's default), f32 and f16.
+#[test]
+fn fp_modes_match_mlx_cpu() {
+    let mut checked = 0;
+    for (name, dtype) in DTYPES {
+        let bytes = std::fs::read(golden_path(&format!("fp_{name}"))).expect("read golden file");
+        let st = SafeTensors::deserialize(&bytes).expect("parse golden file");
+        let (w, shape) = tensor(&st, &format!("w.{name}"), dtype);
+        let (rows, k) = (shape[0], shape[1]);
+        for mode in FP_MODES {
+            let spec = QuantSpec::for_mode(mode, None, None).unwrap();
+            let key = format!("{name}.{mode}");
+            let (gw, gw_shape) = tensor(&st, &format!("fq.{key}.weight"), DType::U32);
+            let (gs, gs_shape) = tensor(&st, &format!("fq.{key}.scales"), DType::U8);
+            assert_eq!(gw_shape, vec![rows, k * spec.bits as usize / 32]);
+            assert_eq!(gs_shape, vec![rows, k / spec.group_size]);
+            let (wb, sb, bb) = quantized_sizes(rows, k, spec, dtype);
+            assert_eq!(bb, 0, "{mode} has no biases");
+            let (mut qw, mut qs) = (vec![0u8; wb], vec![0u8; sb]);
+            quantize(w, dtype, k, spec, &mut qw, &mut qs, &mut []).unwrap();
+            assert_bytes(&format!("fq.{key}.weight"), &qw, gw, 1);
+            assert_bytes(&format!("fq.{key}.scales"), &qs, gs, 1);
+            for (prefix, out) in [
+                ("fdq", DType::BF16),
+                ("fdq32", DType::F32),
+                ("fdq16", DType::F16),
+            ] {
+                let (gdq, _) = tensor(&st, &format!("{prefix}.{key}"), out);
+                let mut dq = vec![0u8; rows * k * out.size()];
+                dequantize(gw, gs, &[], DType::U8, k, spec, out, &mut dq).unwrap();
+                assert_bytes(&format!("{prefix}.{key}"), &dq, gdq, out.size());
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 3 * 3);
 }

@@ -634,3 +634,31 @@ fn mlx_vlm_conversions_verify_too() {
     assert_eq!(worst(&rep["structure"], "max_abs_diff", true), 0.0);
     assert!(differing(&rep).is_empty(), "{rep}");
 }
+
+/// Every quantization kind verifies (the structural reference quantizes with the converted
+/// settings: fp modes with their U8 scales, per-module bits of the mixed recipes), and a broken fp
+/// conversion still fails.
+#[test]
+fn fp_modes_and_mixed_recipes_verify() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ["qwen2_vl", "gemma3", "llava"] {
+        let src = fixture(arch);
+        for flags in [
+            &["--q-mode", "mxfp4"][..],
+            &["--q-mode", "nvfp4"][..],
+            &["--q-mode", "mxfp8"][..],
+            &["--quant-predicate", "mixed_3_6"][..],
+        ] {
+            let out = tmp.path().join(format!("{arch}{}", flags.join("")));
+            convert(&src, &out, flags);
+            let (code, rep, err) = verify(&["--mlx-path", s(&out), "--against", s(&src)]);
+            assert_eq!(code, 0, "{arch} {flags:?}: {err}\n{rep}");
+            assert_eq!(worst(&rep["structure"], "max_abs_diff", true), 0.0);
+            assert!(differing(&rep).is_empty(), "{arch} {flags:?}: {rep}");
+        }
+    }
+    let out = tmp.path().join("llava--q-modemxfp4");
+    swap_down_proj(&out);
+    let (code, rep, _) = verify(&["--mlx-path", s(&out), "--against", s(&fixture("llava"))]);
+    assert_eq!(code, 1, "{rep}");
+}

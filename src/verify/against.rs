@@ -72,6 +72,22 @@ impl StoredLayout {
         self.tensors.get(name).map(|t| t.2)
     }
 
+    /// The float type the language model was cast to (every float tensor of it shares one): what a
+    /// module was quantized from when its scales do not say (fp modes store U8 scales).
+    fn float_dtype(&self) -> Option<Dtype> {
+        let mut names: Vec<&String> = self
+            .tensors
+            .keys()
+            .filter(|n| n.starts_with("language_model."))
+            .collect();
+        names.sort();
+        names
+            .into_iter()
+            .filter(|n| !n.ends_with(".scales") && !n.ends_with(".biases"))
+            .filter_map(|n| self.dtype(n))
+            .find(|d| d.is_float())
+    }
+
     fn bytes(&self, name: &str) -> Option<&[u8]> {
         let (f, _, _) = self.tensors.get(name)?;
         let file = &self.files[*f];
@@ -127,6 +143,7 @@ impl SourceModel {
                 name: name.clone(),
                 dtype: t.info.dtype,
                 shape: t.info.shape.clone(),
+                packed: None,
             })
             .collect();
         let opts = PlanOptions {
@@ -232,7 +249,12 @@ impl SourceModel {
                         path: like.dir.join("config.json"),
                         msg,
                     })?;
-                    let q = mlx::quantize(&a.astype(sdt)?, spec)?;
+                    let from = if sdt.is_float() {
+                        sdt
+                    } else {
+                        like.float_dtype().unwrap_or(Dtype::F32)
+                    };
+                    let q = mlx::quantize(&a.astype(from)?, spec)?;
                     let parts = [
                         (format!("{module}.weight"), Some(q.weight)),
                         (format!("{module}.scales"), Some(q.scales)),

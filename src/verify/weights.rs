@@ -361,6 +361,13 @@ pub(crate) struct QuantParts {
 impl QuantParts {
     /// `dequantize(w, scales.f32, biases.f32)` in float32, as `fixtures/mlx_forward.py --upcast`.
     fn dequantize_f32(&self) -> Result<Array> {
+        if !self.scales.dtype()?.is_float() {
+            // fp modes (mxfp4/nvfp4/mxfp8): U8 scales are exponents/fp8 codes, decoded by MLX itself.
+            return Ok(
+                mlx::dequantize(&self.w, &self.scales, None, self.spec, Some(Dtype::F32))?
+                    .astype(Dtype::F32)?,
+            );
+        }
         let s = self.scales.astype(Dtype::F32)?;
         let b = match &self.biases {
             Some(b) => Some(b.astype(Dtype::F32)?),
