@@ -5,12 +5,15 @@
 //! files in `recipes/`) -> [`plan`] (every output tensor decided before heavy work) -> [`pipeline`]
 //! (rayon: read, transform, [`quant`]ize, write through [`shard`]) -> output directory with
 //! [`config`] rewritten. [`dtype`] and [`error`] are shared leaves; [`cli`] is the command line.
+//! [`hub`] fetches a source from the Hugging Face Hub (feeding shards to the pipeline as they
+//! arrive) and uploads the output.
 
 pub mod check;
 pub mod cli;
 pub mod config;
 pub mod dtype;
 pub mod error;
+pub mod hub;
 #[cfg(feature = "mlx")]
 pub mod mlx;
 pub mod pipeline;
