@@ -5,11 +5,11 @@
 use crate::config::normalize;
 use crate::dtype::{DType, FloatType};
 use crate::error::{exit, Error, Result};
+use crate::hub;
 use crate::pipeline::{check_output_path, plan_json, pretty, write_output, OutputSpec};
 use crate::plan::{Plan, PlanOptions, SourceDesc};
 use crate::quant::QuantSpec;
 use crate::recipe::Recipe;
-use crate::hub;
 use crate::source::{self, Source};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
@@ -67,7 +67,11 @@ pub struct ConvertArgs {
     /// or a Hub repo id ORG/NAME (anything that is not an existing path), downloaded into the
     /// Hugging Face cache (HF_HOME / HF_HUB_CACHE; HF_ENDPOINT for a mirror; HF_HUB_OFFLINE=1 uses
     /// the cache alone).
-    #[arg(long = "hf-path", visible_alias = "model", value_name = "PATH|ORG/NAME")]
+    #[arg(
+        long = "hf-path",
+        visible_alias = "model",
+        value_name = "PATH|ORG/NAME"
+    )]
     pub hf_path: Option<PathBuf>,
     /// Hub revision (branch, tag or commit) of a repo id --hf-path [default: main].
     #[arg(long, value_name = "REV")]
@@ -275,7 +279,12 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     let (source, recipe) = if is_hub_path(hf_path) {
         let repo = hf_path.to_string_lossy().into_owned();
         let h = hub::Hub::new(hub::HubConfig::from_env(a.hf_token.as_deref()), quiet)?;
-        let remote = h.open_repo(&repo, a.revision.as_deref(), a.copy_remote_code, choose_recipe)?;
+        let remote = h.open_repo(
+            &repo,
+            a.revision.as_deref(),
+            a.copy_remote_code,
+            choose_recipe,
+        )?;
         download = remote.download;
         hub_client = Some(h);
         (remote.source, remote.checked)
@@ -362,7 +371,10 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
                 repo,
                 &out,
                 a.private,
-                &format!("Upload {} converted with vlm-convert", source.display_name()),
+                &format!(
+                    "Upload {} converted with vlm-convert",
+                    source.display_name()
+                ),
             )?;
             if !quiet {
                 eprintln!("uploaded to {url}");
@@ -435,17 +447,21 @@ fn command_line() -> String {
 }
 
 fn redacted_command(args: impl Iterator<Item = String>) -> String {
+    /// Stands for the token; left unquoted so the card reads `--hf-token <token>`.
+    const HIDDEN: &str = "<token>";
     let mut parts = vec!["vlm-convert".to_string()];
     let mut hide_next = false;
-    for mut a in args {
+    for a in args {
         if hide_next {
-            a = "<token>".into();
+            parts.push(HIDDEN.into());
             hide_next = false;
-        } else if a == "--hf-token" {
-            hide_next = true;
-        } else if a.starts_with("--hf-token=") {
-            a = "--hf-token=<token>".into();
+            continue;
         }
+        if a.starts_with("--hf-token=") {
+            parts.push(format!("--hf-token={HIDDEN}"));
+            continue;
+        }
+        hide_next = a == "--hf-token";
         if a.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c))
         {
@@ -543,7 +559,14 @@ mod tests {
 
     #[test]
     fn the_token_never_reaches_the_recorded_command() {
-        let args = ["--hf-path", "o/n", "--hf-token", "hf_abc", "--hf-token=hf_def", "-q"];
+        let args = [
+            "--hf-path",
+            "o/n",
+            "--hf-token",
+            "hf_abc",
+            "--hf-token=hf_def",
+            "-q",
+        ];
         let c = redacted_command(args.iter().map(|s| s.to_string()));
         assert!(!c.contains("hf_abc") && !c.contains("hf_def"), "{c}");
         assert!(c.contains("--hf-token <token>"), "{c}");

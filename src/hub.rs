@@ -26,7 +26,6 @@
 use crate::error::{Error, Result};
 use crate::source::{PendingShard, ShardFeed, Source, INDEX_FILE, SIDECAR_FILES};
 use base64::Engine as _;
-use hf_hub::repository::RepoTreeEntry;
 use hf_hub::{HFClient, HFClientSync, HFError};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use reqwest::blocking::{Client, Response};
@@ -254,7 +253,10 @@ impl Hub {
         }
         let client = b.build().map_err(|e| Error::Hub {
             repo: String::new(),
-            msg: format!("cannot set up the Hub client for {}: {e}", self.cfg.endpoint),
+            msg: format!(
+                "cannot set up the Hub client for {}: {e}",
+                self.cfg.endpoint
+            ),
         })?;
         HFClientSync::from_inner(client).map_err(|e| Error::Hub {
             repo: String::new(),
@@ -290,29 +292,7 @@ impl Hub {
             repo: repo.into(),
             msg: format!("the Hub did not say which commit `{revision}` is"),
         })?;
-        let tree: Vec<RemoteFile> = handle
-            .list_tree()
-            .revision(commit.clone())
-            .recursive(true)
-            .send()
-            .map_err(|e| self.hub_error(repo, Some(revision), None, e))?
-            .into_iter()
-            .filter_map(|e| match e {
-                RepoTreeEntry::File {
-                    path,
-                    size,
-                    oid,
-                    lfs,
-                    ..
-                } => Some(RemoteFile {
-                    path,
-                    size,
-                    oid,
-                    sha256: lfs.and_then(|l| l.sha256),
-                }),
-                _ => None,
-            })
-            .collect();
+        let tree = self.list_tree(repo, revision, &commit)?;
         let by_path: BTreeMap<&str, &RemoteFile> =
             tree.iter().map(|f| (f.path.as_str(), f)).collect();
         let snapshot = self.repo_cache(repo).join("snapshots").join(&commit);
@@ -333,13 +313,13 @@ impl Hub {
         if !by_path.contains_key("config.json") {
             return Err(Error::Hub {
                 repo: repo.into(),
-                msg: format!("no config.json at revision `{revision}`; is it a transformers model repo?"),
+                msg: format!(
+                    "no config.json at revision `{revision}`; is it a transformers model repo?"
+                ),
             });
         }
         let config_path = fetch_small("config.json")?;
-        let config = crate::source::load_config(
-            config_path.parent().unwrap_or(&snapshot),
-        )?;
+        let config = crate::source::load_config(config_path.parent().unwrap_or(&snapshot))?;
         let checked = check(&config)?;
 
         // 2. Which weight files: the index's shards, else every top-level *.safetensors.
@@ -362,7 +342,11 @@ impl Hub {
             let pickles: Vec<&str> = tree
                 .iter()
                 .map(|f| f.path.as_str())
-                .filter(|p| [".bin", ".pt", ".pth", ".ckpt"].iter().any(|x| p.ends_with(x)))
+                .filter(|p| {
+                    [".bin", ".pt", ".pth", ".ckpt"]
+                        .iter()
+                        .any(|x| p.ends_with(x))
+                })
                 .collect();
             if !pickles.is_empty() {
                 return Err(Error::PickleOnly {
@@ -370,7 +354,9 @@ impl Hub {
                     files: pickles.join(", "),
                 });
             }
-            return Err(Error::NoWeights(PathBuf::from(format!("{repo}@{revision}"))));
+            return Err(Error::NoWeights(PathBuf::from(format!(
+                "{repo}@{revision}"
+            ))));
         }
         let mut remote_weights = Vec::new();
         for w in &weights {
@@ -388,7 +374,10 @@ impl Hub {
             }
         }
         if copy_remote_code {
-            for f in tree.iter().filter(|f| !f.path.contains('/') && f.path.ends_with(".py")) {
+            for f in tree
+                .iter()
+                .filter(|f| !f.path.contains('/') && f.path.ends_with(".py"))
+            {
                 fetch_small(&f.path)?;
             }
         }
@@ -453,6 +442,69 @@ impl Hub {
         })
     }
 
+    /// Every file of the commit with its size and, for LFS files, sha256. Read here rather than
+    /// through hf-hub's `list_tree`: hf-hub 1.0 looks for `lfs.sha256`, but the Hub names the
+    /// sha256 `lfs.oid`, so hf-hub never sees it. Follows `Link: <...>; rel="next"` paging.
+    fn list_tree(&self, repo: &str, revision: &str, commit: &str) -> Result<Vec<RemoteFile>> {
+        let mut url = Some(format!(
+            "{}/api/models/{repo}/tree/{}?recursive=true",
+            self.cfg.endpoint,
+            encode(commit)
+        ));
+        let mut out = Vec::new();
+        let bad = |msg: String| Error::Hub {
+            repo: repo.into(),
+            msg: format!("listing the files of `{revision}`: {msg}"),
+        };
+        while let Some(u) = url.take() {
+            let resp = self
+                .http
+                .get(&u)
+                .headers(auth_headers(&self.cfg))
+                .send()
+                .map_err(|e| bad(redact(&e.to_string(), &self.cfg)))?;
+            let resp = check_status(&self.cfg, repo, None, resp)?;
+            url = resp
+                .headers()
+                .get_all(reqwest::header::LINK)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .find(|l| l.contains("rel=\"next\""))
+                .and_then(|l| Some(l.split_once('<')?.1.split_once('>')?.0.to_string()));
+            let entries: Vec<Value> = resp.json().map_err(|e| bad(e.to_string()))?;
+            for e in entries {
+                if e.get("type").and_then(Value::as_str) != Some("file") {
+                    continue;
+                }
+                let (Some(path), Some(size)) = (
+                    e.get("path").and_then(Value::as_str),
+                    e.get("size").and_then(Value::as_u64),
+                ) else {
+                    return Err(bad(format!("a tree entry lacks path or size: {e}")));
+                };
+                let lfs = e.get("lfs");
+                out.push(RemoteFile {
+                    path: path.to_string(),
+                    size: lfs
+                        .and_then(|l| l.get("size"))
+                        .and_then(Value::as_u64)
+                        .unwrap_or(size),
+                    oid: e
+                        .get("oid")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    sha256: lfs
+                        .and_then(|l| l.get("oid").or_else(|| l.get("sha256")))
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
+                });
+            }
+        }
+        Ok(out)
+    }
+
     /// `HF_HUB_OFFLINE`: the revision's snapshot from the cache, or an error naming what is missing.
     fn open_cached<T>(
         &self,
@@ -501,10 +553,7 @@ impl Hub {
         if buf.len() >= 8 {
             let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
             let want = n.saturating_add(8);
-            if want > buf.len() as u64
-                && want <= f.size
-                && n <= crate::shard::MAX_HEADER_BYTES
-            {
+            if want > buf.len() as u64 && want <= f.size && n <= crate::shard::MAX_HEADER_BYTES {
                 let rest = range_get(
                     &self.http,
                     &self.cfg,
@@ -522,7 +571,13 @@ impl Hub {
 
     /// Maps an hf-hub error to ours, by the Hub's `X-Error-Code` first (hf-hub calls an unknown repo
     /// a missing revision, and a gated repo a plain 401).
-    fn hub_error(&self, repo: &str, revision: Option<&str>, file: Option<&str>, e: HFError) -> Error {
+    fn hub_error(
+        &self,
+        repo: &str,
+        revision: Option<&str>,
+        file: Option<&str>,
+        e: HFError,
+    ) -> Error {
         let ctx = match &e {
             HFError::Http { context }
             | HFError::AuthRequired { context }
@@ -622,7 +677,11 @@ fn repo_cache(cache_dir: &Path, repo: &str) -> PathBuf {
 }
 
 fn resolve_url(endpoint: &str, repo: &str, commit: &str, path: &str) -> String {
-    format!("{endpoint}/{repo}/resolve/{}/{}", encode(commit), encode_path(path))
+    format!(
+        "{endpoint}/{repo}/resolve/{}/{}",
+        encode(commit),
+        encode_path(path)
+    )
 }
 
 fn auth_headers(cfg: &HubConfig) -> HeaderMap {
@@ -843,7 +902,10 @@ fn fetch_resumable(
         .map_err(|e| Error::write(incomplete, e))?;
     // The bytes already there (an earlier attempt, this run's or a previous one's) count towards
     // the checksum: hash them once, then keep hashing what arrives.
-    let mut have = file.metadata().map_err(|e| Error::read(incomplete, e))?.len();
+    let mut have = file
+        .metadata()
+        .map_err(|e| Error::read(incomplete, e))?
+        .len();
     if have > f.size {
         file.set_len(0).map_err(|e| Error::write(incomplete, e))?;
         have = 0;
@@ -884,9 +946,11 @@ fn fetch_resumable(
             }
         };
         if resp.status().is_server_error() {
-            last_err = Some(check_status(cfg, repo, Some(&f.path), resp).err().unwrap_or(
-                Error::Interrupted,
-            ));
+            last_err = Some(
+                check_status(cfg, repo, Some(&f.path), resp)
+                    .err()
+                    .unwrap_or(Error::Interrupted),
+            );
             std::thread::sleep(Duration::from_millis(200));
             continue;
         }
@@ -976,7 +1040,13 @@ impl Hub {
     /// the LFS batch API with the `basic` transfer (`PUT` each object to the href it returns,
     /// then its `verify` action), and `POST /api/models/R/commit/main` as NDJSON: a header, the
     /// small files inline in base64, the LFS files by sha256 and size.
-    pub fn upload_folder(&self, repo: &str, dir: &Path, private: bool, summary: &str) -> Result<String> {
+    pub fn upload_folder(
+        &self,
+        repo: &str,
+        dir: &Path,
+        private: bool,
+        summary: &str,
+    ) -> Result<String> {
         let cfg = &self.cfg;
         let up_err = |msg: String| Error::Upload {
             repo: repo.into(),
@@ -1129,14 +1199,22 @@ impl Hub {
         }
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| up_err(format!("LFS batch: the answer is not JSON: {e}")))?;
-        let objects = v.get("objects").and_then(Value::as_array).cloned().unwrap_or_default();
+        let objects = v
+            .get("objects")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
         let by_oid: BTreeMap<&str, &LocalFile> =
             files.iter().map(|f| (f.sha256.as_str(), *f)).collect();
-        let bar = self.progress.add(ProgressBar::new(files.iter().map(|f| f.size).sum()));
+        let bar = self
+            .progress
+            .add(ProgressBar::new(files.iter().map(|f| f.size).sum()));
         bar.set_style(
-            ProgressStyle::with_template("uploading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "uploading [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         for obj in &objects {
             let oid = obj.get("oid").and_then(Value::as_str).unwrap_or_default();
@@ -1150,13 +1228,16 @@ impl Hub {
                 continue;
             };
             let upload = &actions["upload"];
-            let href = upload.get("href").and_then(Value::as_str).ok_or_else(|| {
-                up_err(format!("LFS batch gave no upload href for {}", f.path))
-            })?;
+            let href = upload
+                .get("href")
+                .and_then(Value::as_str)
+                .ok_or_else(|| up_err(format!("LFS batch gave no upload href for {}", f.path)))?;
             let header = upload.get("header").and_then(Value::as_object);
-            let chunk_size = header
-                .and_then(|h| h.get("chunk_size"))
-                .and_then(|c| c.as_str().and_then(|s| s.parse::<u64>().ok()).or(c.as_u64()));
+            let chunk_size = header.and_then(|h| h.get("chunk_size")).and_then(|c| {
+                c.as_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .or(c.as_u64())
+            });
             match (chunk_size, header) {
                 (Some(chunk), Some(h)) if chunk > 0 => {
                     self.multipart_put(repo, f, href, chunk, h)?;
@@ -1186,13 +1267,21 @@ impl Hub {
             }
             bar.inc(f.size);
             if let Some(verify) = actions.get("verify") {
-                let href = verify.get("href").and_then(Value::as_str).unwrap_or_default();
+                let href = verify
+                    .get("href")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 let mut req = self
                     .http
                     .post(href)
                     .headers(auth_headers(cfg))
                     .json(&json!({"oid": f.sha256, "size": f.size}));
-                for (k, v) in verify.get("header").and_then(Value::as_object).into_iter().flatten() {
+                for (k, v) in verify
+                    .get("header")
+                    .and_then(Value::as_object)
+                    .into_iter()
+                    .flatten()
+                {
                     if let Some(v) = v.as_str() {
                         req = req.header(k.as_str(), v);
                     }
@@ -1366,12 +1455,28 @@ mod tests {
             token: None,
             offline: false,
         };
-        let e = classify(&cfg, "o/n", None, Some("config.json"), Some(401), Some("GatedRepo"), "");
+        let e = classify(
+            &cfg,
+            "o/n",
+            None,
+            Some("config.json"),
+            Some(401),
+            Some("GatedRepo"),
+            "",
+        );
         assert!(matches!(e, Error::GatedRepo { .. }), "{e}");
         let e = classify(&cfg, "o/n", Some("main"), None, Some(401), None, "");
         assert!(matches!(e, Error::RepoNotFound { .. }), "{e}");
         assert!(e.to_string().contains("--hf-token"), "{e}");
-        let e = classify(&cfg, "o/n", Some("v9"), None, Some(404), Some("RevisionNotFound"), "");
+        let e = classify(
+            &cfg,
+            "o/n",
+            Some("v9"),
+            None,
+            Some(404),
+            Some("RevisionNotFound"),
+            "",
+        );
         assert!(matches!(e, Error::RevisionNotFound { .. }), "{e}");
     }
 }

@@ -301,7 +301,16 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
         if let Some(i) = shard {
             source.wait_shard(*i, &spec.cancel)?;
         }
-        convert_batch(source, plan, spec, batch, &writers, &pending, &bar, &tensor_bar)?;
+        convert_batch(
+            source,
+            plan,
+            spec,
+            batch,
+            &writers,
+            &pending,
+            &bar,
+            &tensor_bar,
+        )?;
         if let (Some(i), Some(feed)) = (shard, &source.feed) {
             feed.converted(*i);
         }

@@ -162,7 +162,7 @@ impl ShardFeed {
                     return Ok(());
                 }
                 2 => {
-                    let old = std::mem::replace(&mut st.shards[i], Some(Err(Error::Interrupted)));
+                    let old = st.shards[i].replace(Err(Error::Interrupted));
                     return match old {
                         Some(Err(e)) => Err(e),
                         _ => Err(Error::Interrupted),

@@ -181,7 +181,10 @@ impl Server {
                 l.method == "GET"
                     && l.path.starts_with("/cdn/")
                     && l.path.ends_with(".safetensors")
-                    && !l.range.as_deref().is_some_and(|r| r.starts_with("bytes=0-"))
+                    && !l
+                        .range
+                        .as_deref()
+                        .is_some_and(|r| r.starts_with("bytes=0-"))
             })
             .collect()
     }
@@ -319,8 +322,8 @@ fn handle(conn: TcpStream, st: &Mutex<State>, base: &str) -> std::io::Result<()>
     let Some(req) = read_request(&mut reader) else {
         return Ok(());
     };
-    let authorized = req.headers.get("authorization").map(String::as_str)
-        == Some(&format!("Bearer {TOKEN}"));
+    let authorized =
+        req.headers.get("authorization").map(String::as_str) == Some(&format!("Bearer {TOKEN}"));
     st.lock().unwrap().log.push(Logged {
         method: req.method.clone(),
         path: req.path.clone(),
@@ -401,7 +404,11 @@ fn route(req: &Request, authorized: bool, st: &Mutex<State>, base: &str) -> Repl
     }
     if req.method == "POST" && p.starts_with("/lfs-verify/") {
         let oid = p.trim_start_matches("/lfs-verify/");
-        return Reply::new(if s.uploads.lfs_objects.contains_key(oid) { 200 } else { 404 });
+        return Reply::new(if s.uploads.lfs_objects.contains_key(oid) {
+            200
+        } else {
+            404
+        });
     }
     if req.method == "POST" && p.ends_with(".git/info/lfs/objects/batch") {
         if !authorized {
@@ -544,7 +551,11 @@ fn route(req: &Request, authorized: bool, st: &Mutex<State>, base: &str) -> Repl
             let spec = range.trim_start_matches("bytes=");
             let (a, b) = spec.split_once('-').unwrap();
             let start: usize = a.parse().unwrap();
-            let end: usize = if b.is_empty() { total - 1 } else { b.parse::<usize>().unwrap().min(total - 1) };
+            let end: usize = if b.is_empty() {
+                total - 1
+            } else {
+                b.parse::<usize>().unwrap().min(total - 1)
+            };
             if start >= total {
                 return Reply::new(416);
             }
@@ -555,7 +566,10 @@ fn route(req: &Request, authorized: bool, st: &Mutex<State>, base: &str) -> Repl
         r.header("ETag", &format!("\"{}\"", f.etag()));
         r.header("Accept-Ranges", "bytes");
         // Faults hit the weight transfer, not the header probe (a range from byte 0).
-        let probe = req.headers.get("range").is_some_and(|r| r.starts_with("bytes=0-"));
+        let probe = req
+            .headers
+            .get("range")
+            .is_some_and(|r| r.starts_with("bytes=0-"));
         if !probe && s.faults.drop_once.remove(&file) {
             r.cut_at = Some(body.len() / 2);
         }
@@ -633,7 +647,13 @@ impl Env {
     }
 
     /// Runs the binary against `server` with a private HF_HOME (no token unless `token`).
-    fn run(&self, endpoint: &str, token: bool, extra_env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    fn run(
+        &self,
+        endpoint: &str,
+        token: bool,
+        extra_env: &[(&str, &str)],
+        args: &[&str],
+    ) -> (i32, String, String) {
         let mut c = bin();
         c.current_dir(&self.dir)
             .env("HF_HOME", &self.hf_home)
@@ -657,7 +677,10 @@ impl Env {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         );
         for text in [&so, &se] {
-            assert!(!text.contains(TOKEN), "the token leaked into the output:\n{text}");
+            assert!(
+                !text.contains(TOKEN),
+                "the token leaked into the output:\n{text}"
+            );
         }
         (code, so, se)
     }
@@ -726,9 +749,15 @@ fn local_reference(env: &Env, dir: &Path) -> PathBuf {
 
 fn same_output(a: &Path, b: &Path) {
     assert_eq!(tensor_digests(a), tensor_digests(b));
-    assert_eq!(read_json(&a.join("config.json")), read_json(&b.join("config.json")));
+    assert_eq!(
+        read_json(&a.join("config.json")),
+        read_json(&b.join("config.json"))
+    );
     let files = |d: &Path| -> Vec<String> {
-        listing(d).into_iter().filter(|f| f != "README.md").collect()
+        listing(d)
+            .into_iter()
+            .filter(|f| f != "README.md")
+            .collect()
     };
     assert_eq!(files(a), files(b));
 }
@@ -746,7 +775,14 @@ fn downloads_into_the_standard_cache_and_converts() {
         &srv.url,
         false,
         &[],
-        &["--hf-path", "test-org/tiny-qwen", "--mlx-path", s(&out), "-q", "--json"],
+        &[
+            "--hf-path",
+            "test-org/tiny-qwen",
+            "--mlx-path",
+            s(&out),
+            "-q",
+            "--json",
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     let v: Value = serde_json::from_str(&stdout).unwrap();
@@ -758,16 +794,27 @@ fn downloads_into_the_standard_cache_and_converts() {
     // Python's layout: refs/main, snapshots/<commit>/<file> -> ../../blobs/<etag>.
     let cache = env.cache("test-org/tiny-qwen");
     assert_eq!(
-        std::fs::read_to_string(cache.join("refs/main")).unwrap().trim(),
+        std::fs::read_to_string(cache.join("refs/main"))
+            .unwrap()
+            .trim(),
         shas[0]
     );
-    let link = cache.join("snapshots").join(&shas[0]).join("model.safetensors");
-    let sha = hex(&Sha256::digest(std::fs::read(fixture(FIX).join("model.safetensors")).unwrap()));
+    let link = cache
+        .join("snapshots")
+        .join(&shas[0])
+        .join("model.safetensors");
+    let sha = hex(&Sha256::digest(
+        std::fs::read(fixture(FIX).join("model.safetensors")).unwrap(),
+    ));
     assert_eq!(
         std::fs::read_link(&link).unwrap(),
         PathBuf::from("../../blobs").join(&sha)
     );
-    assert!(cache.join("snapshots").join(&shas[0]).join("tokenizer.json").is_file());
+    assert!(cache
+        .join("snapshots")
+        .join(&shas[0])
+        .join("tokenizer.json")
+        .is_file());
     // Only what a conversion needs: no variants, nothing outside the sidecar list.
     assert_eq!(srv.weight_body_requests().len(), 1);
 
@@ -778,7 +825,14 @@ fn downloads_into_the_standard_cache_and_converts() {
         &srv.url,
         false,
         &[],
-        &["--hf-path", "test-org/tiny-qwen", "--mlx-path", s(&out2), "-q", "--quiet"],
+        &[
+            "--hf-path",
+            "test-org/tiny-qwen",
+            "--mlx-path",
+            s(&out2),
+            "-q",
+            "--quiet",
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(srv.weight_body_requests().len(), before);
@@ -802,23 +856,51 @@ fn a_pinned_revision_converts_that_commit() {
             &srv.url,
             false,
             &[],
-            &["--hf-path", "test-org/pinned", "--revision", rev, "--mlx-path", s(&out), "-q", "--quiet"],
+            &[
+                "--hf-path",
+                "test-org/pinned",
+                "--revision",
+                rev,
+                "--mlx-path",
+                s(&out),
+                "-q",
+                "--quiet",
+            ],
         );
         assert_eq!(code, 0, "{stderr}");
         same_output(&out, &reference);
     }
     let log = srv.log();
-    assert!(log.iter().any(|l| l.path.contains(&format!("/resolve/{}/model-00002-of-00002.safetensors", shas[0]))));
-    assert!(!log.iter().any(|l| l.path.ends_with("/model.safetensors")), "main's file was fetched");
+    assert!(log.iter().any(|l| l.path.contains(&format!(
+        "/resolve/{}/model-00002-of-00002.safetensors",
+        shas[0]
+    ))));
+    assert!(
+        !log.iter().any(|l| l.path.ends_with("/model.safetensors")),
+        "main's file was fetched"
+    );
     let cache = env.cache("test-org/pinned");
-    assert_eq!(std::fs::read_to_string(cache.join("refs/v1")).unwrap().trim(), shas[0]);
+    assert_eq!(
+        std::fs::read_to_string(cache.join("refs/v1"))
+            .unwrap()
+            .trim(),
+        shas[0]
+    );
 
     // A revision that does not exist: exit 3, named, nothing downloaded.
     let (code, _, stderr) = env.run(
         &srv.url,
         false,
         &[],
-        &["--hf-path", "test-org/pinned", "--revision", "v9", "--mlx-path", s(&env.dir.join("x")), "-q"],
+        &[
+            "--hf-path",
+            "test-org/pinned",
+            "--revision",
+            "v9",
+            "--mlx-path",
+            s(&env.dir.join("x")),
+            "-q",
+        ],
     );
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("no revision `v9`"), "{stderr}");
@@ -831,7 +913,14 @@ fn a_gated_repo_needs_a_token_and_fails_before_any_weight() {
     let env = Env::new();
     srv.add_repo("gated-org/tiny", &[&fixture(FIX)], true);
     let out = env.dir.join("out");
-    let args = ["--hf-path", "gated-org/tiny", "--mlx-path", s(&out), "-q", "--quiet"];
+    let args = [
+        "--hf-path",
+        "gated-org/tiny",
+        "--mlx-path",
+        s(&out),
+        "-q",
+        "--quiet",
+    ];
     let (code, _, stderr) = env.run(&srv.url, false, &[], &args);
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("is gated"), "{stderr}");
@@ -851,11 +940,29 @@ fn a_gated_repo_needs_a_token_and_fails_before_any_weight() {
         &srv.url,
         false,
         &[],
-        &["--hf-path", "gated-org/tiny", "--hf-token", TOKEN, "--mlx-path", s(&out2), "-q", "--quiet"],
+        &[
+            "--hf-path",
+            "gated-org/tiny",
+            "--hf-token",
+            TOKEN,
+            "--mlx-path",
+            s(&out2),
+            "-q",
+            "--quiet",
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     let card = std::fs::read_to_string(out2.join("README.md")).unwrap();
     assert!(card.contains("--hf-token <token>"), "{card}");
+    // The refused request was anonymous; the token went along once there was one.
+    let config_gets: Vec<bool> = srv
+        .log()
+        .iter()
+        .filter(|l| l.path.ends_with("/config.json"))
+        .map(|l| l.authorized)
+        .collect();
+    assert_eq!(config_gets.first(), Some(&false));
+    assert!(config_gets[1..].iter().all(|a| *a), "{config_gets:?}");
     assert_no_token_under(&env.dir);
 }
 
@@ -888,7 +995,10 @@ fn unsupported_architecture_and_pickle_only_fail_before_any_weight() {
     srv.add_repo("o/bert", &[&bert], false);
     let (code, _, stderr) = env.run(&srv.url, false, &[], &["--hf-path", "o/bert", "-q"]);
     assert_eq!(code, 4, "{stderr}");
-    assert!(stderr.contains("unsupported architecture `bert`"), "{stderr}");
+    assert!(
+        stderr.contains("unsupported architecture `bert`"),
+        "{stderr}"
+    );
     assert!(!srv.log().iter().any(|l| l.path.ends_with(".safetensors")));
 
     let pickle = env.dir.join("pickle");
@@ -898,7 +1008,10 @@ fn unsupported_architecture_and_pickle_only_fail_before_any_weight() {
     srv.add_repo("o/pickle", &[&pickle], false);
     let (code, _, stderr) = env.run(&srv.url, false, &[], &["--hf-path", "o/pickle", "-q"]);
     assert_eq!(code, 3, "{stderr}");
-    assert!(stderr.contains("pytorch_model.bin") && stderr.contains("pickle"), "{stderr}");
+    assert!(
+        stderr.contains("pytorch_model.bin") && stderr.contains("pickle"),
+        "{stderr}"
+    );
     assert!(!srv.log().iter().any(|l| l.path.ends_with(".bin")));
 }
 
@@ -912,15 +1025,42 @@ fn offline_resolves_from_a_prefilled_cache_alone() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", l.local_addr().unwrap())
     };
-    let args = ["--hf-path", "test-org/offline", "--mlx-path", "out", "-q", "--quiet"];
+    let args = [
+        "--hf-path",
+        "test-org/offline",
+        "--mlx-path",
+        "out",
+        "-q",
+        "--quiet",
+    ];
     let (code, _, stderr) = env.run(&dead, false, &[("HF_HUB_OFFLINE", "1")], &args);
     assert_eq!(code, 3, "{stderr}");
-    assert!(stderr.contains("HF_HUB_OFFLINE") && stderr.contains("not in the cache"), "{stderr}");
+    assert!(
+        stderr.contains("HF_HUB_OFFLINE") && stderr.contains("not in the cache"),
+        "{stderr}"
+    );
 
     // Fill the cache online, then convert with the network gone.
-    let (code, _, stderr) = env.run(&srv.url, false, &[], &["--hf-path", "test-org/offline", "--dry-run", "-q"]);
+    let (code, _, stderr) = env.run(
+        &srv.url,
+        false,
+        &[],
+        &["--hf-path", "test-org/offline", "--dry-run", "-q"],
+    );
     assert_eq!(code, 0, "{stderr}");
-    let (code, _, stderr) = env.run(&srv.url, false, &[], &["--hf-path", "test-org/offline", "--mlx-path", "first", "-q", "--quiet"]);
+    let (code, _, stderr) = env.run(
+        &srv.url,
+        false,
+        &[],
+        &[
+            "--hf-path",
+            "test-org/offline",
+            "--mlx-path",
+            "first",
+            "-q",
+            "--quiet",
+        ],
+    );
     assert_eq!(code, 0, "{stderr}");
     let n = srv.log().len();
     let (code, _, stderr) = env.run(&dead, false, &[("HF_HUB_OFFLINE", "1")], &args);
@@ -948,7 +1088,14 @@ fn a_cache_written_by_python_is_reused() {
         "http://127.0.0.1:9",
         false,
         &[("HF_HUB_OFFLINE", "1")],
-        &["--hf-path", "py-org/tiny", "--mlx-path", "out", "-q", "--quiet"],
+        &[
+            "--hf-path",
+            "py-org/tiny",
+            "--mlx-path",
+            "out",
+            "-q",
+            "--quiet",
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     same_output(&env.dir.join("out"), &local_reference(&env, &fixture(FIX)));
@@ -960,12 +1107,21 @@ fn a_cut_off_download_resumes_where_it_stopped() {
     let env = Env::new();
     srv.add_repo("test-org/flaky", &[&fixture(FIX)], false);
     srv.st().faults.drop_once.insert("model.safetensors".into());
-    let size = std::fs::metadata(fixture(FIX).join("model.safetensors")).unwrap().len();
+    let size = std::fs::metadata(fixture(FIX).join("model.safetensors"))
+        .unwrap()
+        .len();
     let (code, _, stderr) = env.run(
         &srv.url,
         false,
         &[],
-        &["--hf-path", "test-org/flaky", "--mlx-path", "out", "-q", "--quiet"],
+        &[
+            "--hf-path",
+            "test-org/flaky",
+            "--mlx-path",
+            "out",
+            "-q",
+            "--quiet",
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     same_output(&env.dir.join("out"), &local_reference(&env, &fixture(FIX)));
@@ -979,7 +1135,10 @@ fn a_cut_off_download_resumes_where_it_stopped() {
         .and_then(|r| r.strip_suffix('-'))
         .and_then(|r| r.parse().ok())
         .unwrap_or_else(|| panic!("second request is not a resume: {:?}", bodies[1]));
-    assert!(resumed_at > 0 && resumed_at < size, "{resumed_at} of {size}");
+    assert!(
+        resumed_at > 0 && resumed_at < size,
+        "{resumed_at} of {size}"
+    );
 
     // Across runs too: a `.incomplete` left by an earlier run (or by Python) is continued.
     let env2 = Env::new();
@@ -994,12 +1153,22 @@ fn a_cut_off_download_resumes_where_it_stopped() {
         &srv.url,
         false,
         &[],
-        &["--hf-path", "test-org/flaky", "--mlx-path", "out", "-q", "--quiet"],
+        &[
+            "--hf-path",
+            "test-org/flaky",
+            "--mlx-path",
+            "out",
+            "-q",
+            "--quiet",
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     let bodies = srv.weight_body_requests();
     assert_eq!(bodies.len(), n + 1);
-    assert_eq!(bodies[n].range.as_deref(), Some(format!("bytes={half}-").as_str()));
+    assert_eq!(
+        bodies[n].range.as_deref(),
+        Some(format!("bytes={half}-").as_str())
+    );
     assert!(!blobs.join(format!("{sha}.incomplete")).exists());
     assert_eq!(std::fs::read(blobs.join(&sha)).unwrap(), bytes);
 }
@@ -1014,7 +1183,14 @@ fn a_corrupted_download_is_rejected() {
         &srv.url,
         false,
         &[],
-        &["--hf-path", "test-org/corrupt", "--mlx-path", "out", "-q", "--quiet"],
+        &[
+            "--hf-path",
+            "test-org/corrupt",
+            "--mlx-path",
+            "out",
+            "-q",
+            "--quiet",
+        ],
     );
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("does not match the Hub's"), "{stderr}");
@@ -1027,7 +1203,10 @@ fn a_corrupted_download_is_rejected() {
             std::fs::metadata(&p).unwrap().len() > 100_000
         })
         .collect();
-    assert!(left.is_empty(), "a corrupt weight file stayed in the cache: {left:?}");
+    assert!(
+        left.is_empty(),
+        "a corrupt weight file stayed in the cache: {left:?}"
+    );
 }
 
 #[test]
@@ -1039,21 +1218,30 @@ fn download_and_conversion_overlap() {
     srv.add_repo("test-org/slow", &[&sharded], false);
     // Shards 2 and 3 arrive slowly; converting a shard of this size takes milliseconds.
     for k in [2, 3] {
-        srv.st()
-            .faults
-            .slow
-            .insert(format!("model-0000{k}-of-00003.safetensors"), Duration::from_millis(1500));
+        srv.st().faults.slow.insert(
+            format!("model-0000{k}-of-00003.safetensors"),
+            Duration::from_millis(1500),
+        );
     }
     let (code, stdout, stderr) = env.run(
         &srv.url,
         false,
         &[],
-        &["--hf-path", "test-org/slow", "--mlx-path", "out", "-q", "--json"],
+        &[
+            "--hf-path",
+            "test-org/slow",
+            "--mlx-path",
+            "out",
+            "-q",
+            "--json",
+        ],
     );
     assert_eq!(code, 0, "{stderr}");
     same_output(&env.dir.join("out"), &local_reference(&env, &fixture(FIX)));
     let v: Value = serde_json::from_str(&stdout).unwrap();
-    let events = v["events"].as_array().unwrap_or_else(|| panic!("no events: {v}"));
+    let events = v["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no events: {v}"));
     let at = |event: &str, shard: u64| -> f64 {
         events
             .iter()
@@ -1093,7 +1281,13 @@ fn upload_commits_exactly_the_output() {
     );
     assert_eq!(code, 0, "{stderr}");
     let v: Value = serde_json::from_str(&stdout).unwrap();
-    assert!(v["uploaded"].as_str().unwrap().contains("test-org/Tiny-4bit"), "{v}");
+    assert!(
+        v["uploaded"]
+            .as_str()
+            .unwrap()
+            .contains("test-org/Tiny-4bit"),
+        "{v}"
+    );
     let st = srv.st();
     let up = &st.uploads;
     assert_eq!(up.created.len(), 1);
@@ -1108,15 +1302,25 @@ fn upload_commits_exactly_the_output() {
         })
         .collect();
     assert_eq!(up.committed, local);
-    assert_eq!(up.lfs_paths, BTreeSet::from(["model.safetensors".to_string()]));
+    assert_eq!(
+        up.lfs_paths,
+        BTreeSet::from(["model.safetensors".to_string()])
+    );
     let card = String::from_utf8(local["README.md"].clone()).unwrap();
     assert!(card.contains("base_model: "), "{card}");
     assert!(card.contains("vlm-convert"), "{card}");
     assert!(card.contains("--upload-repo test-org/Tiny-4bit"), "{card}");
-    assert!(card.contains("python -m mlx_vlm.generate --model test-org/Tiny-4bit"), "{card}");
+    assert!(
+        card.contains("python -m mlx_vlm.generate --model test-org/Tiny-4bit"),
+        "{card}"
+    );
     // The token went only into Authorization headers, only to the server's API.
     for l in &st.log {
-        let in_auth = l.raw_headers.lines().filter(|h| h.contains(TOKEN)).all(|h| h.to_ascii_lowercase().starts_with("authorization:"));
+        let in_auth = l
+            .raw_headers
+            .lines()
+            .filter(|h| h.contains(TOKEN))
+            .all(|h| h.to_ascii_lowercase().starts_with("authorization:"));
         assert!(in_auth, "{l:?}");
     }
     drop(st);
@@ -1128,10 +1332,22 @@ fn upload_commits_exactly_the_output() {
         &srv.url,
         false,
         &[],
-        &["--hf-path", s(&fixture(FIX)), "--mlx-path", "o2", "-q", "--quiet", "--upload-repo", "test-org/x"],
+        &[
+            "--hf-path",
+            s(&fixture(FIX)),
+            "--mlx-path",
+            "o2",
+            "-q",
+            "--quiet",
+            "--upload-repo",
+            "test-org/x",
+        ],
     );
     assert_eq!(code, 5, "{stderr}");
     assert!(stderr.contains("no token"), "{stderr}");
     assert_eq!(srv.log().len(), n);
-    assert!(!env.dir.join("o2").exists(), "converted although the upload could not happen");
+    assert!(
+        !env.dir.join("o2").exists(),
+        "converted although the upload could not happen"
+    );
 }
