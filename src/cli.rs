@@ -6,6 +6,7 @@ use crate::config::normalize;
 use crate::dequant;
 use crate::dtype::{DType, FloatType};
 use crate::error::{exit, Error, Result};
+use crate::hub;
 use crate::pipeline::{check_output_path, plan_json, pretty, write_output, OutputSpec};
 use crate::plan::{Plan, PlanOptions, SourceDesc};
 use crate::quant::{QuantMode, QuantSpec};
@@ -129,9 +130,29 @@ Exit codes: 0 PASS, 1 FAIL (or the converted model cannot run), 2 usage, 3 bad r
 
 #[derive(Args, Debug, Default)]
 pub struct ConvertArgs {
-    /// The source checkpoint: a local Hugging Face model directory (or a snapshot in the HF cache).
-    #[arg(long = "hf-path", visible_alias = "model", value_name = "PATH")]
+    /// The source checkpoint: a local Hugging Face model directory (or a snapshot in the HF cache),
+    /// or a Hub repo id ORG/NAME (anything that is not an existing path), downloaded into the
+    /// Hugging Face cache (HF_HOME / HF_HUB_CACHE; HF_ENDPOINT for a mirror; HF_HUB_OFFLINE=1 uses
+    /// the cache alone).
+    #[arg(
+        long = "hf-path",
+        visible_alias = "model",
+        value_name = "PATH|ORG/NAME"
+    )]
     pub hf_path: Option<PathBuf>,
+    /// Hub revision (branch, tag or commit) of a repo id --hf-path [default: main].
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
+    /// Hub token [default: HF_TOKEN, else the token file huggingface-cli login writes]. Never
+    /// printed or written.
+    #[arg(long = "hf-token", value_name = "TOKEN")]
+    pub hf_token: Option<String>,
+    /// Upload the output to this Hub model repo (created if needed) in one commit.
+    #[arg(long = "upload-repo", value_name = "ORG/NAME")]
+    pub upload_repo: Option<String>,
+    /// Create the --upload-repo repo private.
+    #[arg(long, requires = "upload_repo")]
+    pub private: bool,
     /// Output directory [default: <model>-<4bit|8bit|bf16|...> in the current directory].
     #[arg(long = "mlx-path", value_name = "DIR")]
     pub mlx_path: Option<PathBuf>,
@@ -463,16 +484,54 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     };
     let mut quant = quant_rules(a)?;
 
-    // Architecture first: an unsupported model fails before any weight file is opened.
-    let raw_config = source::load_config(hf_path)?;
-    let recipe = match &a.recipe {
-        Some(p) => Recipe::from_file(p)?,
-        None => Recipe::for_config(&raw_config)?,
+    if a.revision.is_some() && !is_hub_path(hf_path) {
+        return Err(Error::Usage(format!(
+            "--revision applies to a Hub repo id, but {} is a local path",
+            hf_path.display()
+        )));
+    }
+    if let Some(r) = &a.upload_repo {
+        if !hub::is_repo_id(r) {
+            return Err(Error::Usage(format!(
+                "--upload-repo {r}: expected a Hub repo id ORG/NAME"
+            )));
+        }
+    }
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&cancel))
+            .map_err(|e| Error::read("signal handler", e))?;
+    }
+    let quiet = a.quiet || a.json;
+    let choose_recipe = |config: &serde_json::Value| match &a.recipe {
+        Some(p) => Recipe::from_file(p),
+        None => Recipe::for_config(config),
+    };
+
+    // Architecture first: an unsupported model fails before any weight file is opened (or, for a
+    // Hub repo, downloaded).
+    let mut hub_client = None;
+    let mut download = None;
+    let (source, recipe) = if is_hub_path(hf_path) {
+        let repo = hf_path.to_string_lossy().into_owned();
+        let h = hub::Hub::new(hub::HubConfig::from_env(a.hf_token.as_deref()), quiet)?;
+        let remote = h.open_repo(
+            &repo,
+            a.revision.as_deref(),
+            a.copy_remote_code,
+            choose_recipe,
+        )?;
+        download = remote.download;
+        hub_client = Some(h);
+        (remote.source, remote.checked)
+    } else {
+        let raw_config = source::load_config(hf_path)?;
+        let recipe = choose_recipe(&raw_config)?;
+        (Source::open(hf_path)?, recipe)
     };
     if let Some(rules) = &mut quant {
         rules.recipe = recipe.quant_overrides(rules.default)?;
     }
-    let source = Source::open(hf_path)?;
     let dtype = a.dtype.map(|d| d.dtype());
     let (packed, headless) = if source.tensors.keys().any(|n| n.ends_with(".scales")) {
         if !source.is_mlx() {
@@ -582,11 +641,16 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         }),
     };
     check_output_path(&source, &out, a.force)?;
-    let cancel = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&cancel))
-            .map_err(|e| Error::read("signal handler", e))?;
+    if let Some(repo) = &a.upload_repo {
+        // Refuse before converting what could not be uploaded.
+        let cfg = hub::HubConfig::from_env(a.hf_token.as_deref());
+        hub::check_can_upload(&cfg, repo)?;
+        if hub_client.is_none() {
+            hub_client = Some(hub::Hub::new(cfg, quiet)?);
+        }
     }
+    // The plan holds: start the weight downloads; the pipeline converts each shard as it arrives.
+    let downloader = download.map(|d| d.start(Arc::clone(&cancel)));
     let base_model = source.repo_id().unwrap_or_else(|| source.display_name());
     let command = command_line();
     let spec = OutputSpec {
@@ -595,12 +659,36 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         config: &config,
         base_model: &base_model,
         command: &command,
-        quiet: a.quiet || a.json,
+        quiet,
         allow_nonfinite: a.allow_nonfinite,
         copy_remote_code: a.copy_remote_code,
         cancel,
+        model_ref: a.upload_repo.as_deref(),
+        progress: hub_client.as_ref().map(hub::Hub::progress),
     };
     let stats = write_output(&source, &plan, &spec)?;
+    if let Some(t) = downloader {
+        // Every shard was converted, so the downloader has finished; a panic there is a bug.
+        let _ = t.join();
+    }
+    let uploaded = match (&a.upload_repo, &hub_client) {
+        (Some(repo), Some(h)) => {
+            let url = h.upload_folder(
+                repo,
+                &out,
+                a.private,
+                &format!(
+                    "Upload {} converted with vlm-convert",
+                    source.display_name()
+                ),
+            )?;
+            if !quiet {
+                eprintln!("uploaded to {url}");
+            }
+            Some(url)
+        }
+        _ => None,
+    };
     let secs = started.elapsed().as_secs_f64();
 
     #[cfg(feature = "mlx")]
@@ -642,6 +730,9 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
             "unquantized": plan.unquantized,
             "dropped": plan.dropped,
             "warnings": plan.warnings,
+            "source_repo": source.repo_id(),
+            "uploaded": uploaded,
+            "events": source.feed.as_ref().map(|f| f.events()),
         });
         #[cfg(feature = "mlx")]
         let v = {
@@ -721,9 +812,32 @@ fn kept_float_lines(plan: &Plan) -> Vec<String> {
     out
 }
 
+/// A Hub repo id rather than a local directory.
+fn is_hub_path(p: &std::path::Path) -> bool {
+    p.to_str().is_some_and(hub::is_repo_id)
+}
+
+/// The command as typed, for the model card, with the token's value replaced.
 fn command_line() -> String {
+    redacted_command(std::env::args().skip(1))
+}
+
+fn redacted_command(args: impl Iterator<Item = String>) -> String {
+    /// Stands for the token; left unquoted so the card reads `--hf-token <token>`.
+    const HIDDEN: &str = "<token>";
     let mut parts = vec!["vlm-convert".to_string()];
-    for a in std::env::args().skip(1) {
+    let mut hide_next = false;
+    for a in args {
+        if hide_next {
+            parts.push(HIDDEN.into());
+            hide_next = false;
+            continue;
+        }
+        if a.starts_with("--hf-token=") {
+            parts.push(format!("--hf-token={HIDDEN}"));
+            continue;
+        }
+        hide_next = a == "--hf-token";
         if a.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:".contains(c))
         {
@@ -817,5 +931,20 @@ mod tests {
         assert_eq!(default_output_name("M", Some(q8), None), "M-8bit-g32");
         assert_eq!(default_output_name("M", None, Some(DType::BF16)), "M-bf16");
         assert_eq!(default_output_name("M", None, Some(DType::F16)), "M-fp16");
+    }
+
+    #[test]
+    fn the_token_never_reaches_the_recorded_command() {
+        let args = [
+            "--hf-path",
+            "o/n",
+            "--hf-token",
+            "hf_abc",
+            "--hf-token=hf_def",
+            "-q",
+        ];
+        let c = redacted_command(args.iter().map(|s| s.to_string()));
+        assert!(!c.contains("hf_abc") && !c.contains("hf_def"), "{c}");
+        assert!(c.contains("--hf-token <token>"), "{c}");
     }
 }

@@ -136,6 +136,39 @@ pub enum Error {
 
     #[error("{path}: invalid reference logits file: {msg}")]
     Reference { path: PathBuf, msg: String },
+
+    #[error("Hub repo `{repo}` not found at {endpoint}{hint}")]
+    RepoNotFound {
+        repo: String,
+        endpoint: String,
+        hint: &'static str,
+    },
+
+    #[error("Hub repo `{repo}` is gated: accept its conditions on its page ({endpoint}/{repo}) while logged in, then pass a token with access (--hf-token, HF_TOKEN or `huggingface-cli login`){hint}")]
+    GatedRepo {
+        repo: String,
+        endpoint: String,
+        hint: &'static str,
+    },
+
+    #[error("Hub repo `{repo}` has no revision `{revision}`: pass an existing branch, tag or commit to --revision")]
+    RevisionNotFound { repo: String, revision: String },
+
+    #[error("HF_HUB_OFFLINE is set and {what} is not in the cache {cache}: run once with network access (or unset HF_HUB_OFFLINE)")]
+    NotCached { what: String, cache: PathBuf },
+
+    #[error("Hub repo `{repo}`: {msg}")]
+    Hub { repo: String, msg: String },
+
+    #[error("{file}: sha256 {actual} does not match the Hub's {expected}; the download is corrupt and was deleted. Run again to download it anew")]
+    ChecksumMismatch {
+        file: String,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("uploading to `{repo}`: {msg}")]
+    Upload { repo: String, msg: String },
 }
 
 impl Error {
@@ -164,7 +197,7 @@ impl Error {
             Error::Interrupted => exit::INTERRUPTED,
             Error::VerificationFailed(_) => exit::VERIFY_FAILED,
             Error::VerifyUnavailable(_) => exit::UNSUPPORTED,
-            Error::Write { .. } => exit::OUTPUT,
+            Error::Write { .. } | Error::Upload { .. } => exit::OUTPUT,
             _ => exit::BAD_INPUT,
         }
     }

@@ -5,6 +5,8 @@
 //! files in `recipes/`) -> [`plan`] (every output tensor decided before heavy work) -> [`pipeline`]
 //! (rayon: read, transform, [`quant`]ize, write through [`shard`]) -> output directory with
 //! [`config`] rewritten. [`dtype`] and [`error`] are shared leaves; [`cli`] is the command line.
+//! [`hub`] fetches a source from the Hugging Face Hub (feeding shards to the pipeline as they
+//! arrive) and uploads the output.
 
 pub mod check;
 pub mod cli;
@@ -12,6 +14,7 @@ pub mod config;
 pub mod dequant;
 pub mod dtype;
 pub mod error;
+pub mod hub;
 #[cfg(feature = "mlx")]
 pub mod mlx;
 pub mod pipeline;

@@ -39,6 +39,10 @@ pub struct OutputSpec<'a> {
     /// Also copy the repo's `*.py` files (remote code). Never imported or run by us.
     pub copy_remote_code: bool,
     pub cancel: Arc<AtomicBool>,
+    /// How the model card's usage snippet names the model (the upload repo, or the directory name).
+    pub model_ref: Option<&'a str>,
+    /// Progress bars to join (a download running beside the conversion draws its bars there too).
+    pub progress: Option<MultiProgress>,
 }
 
 /// What a run produced.
@@ -253,10 +257,12 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
         .collect::<Result<_>>()?;
     let total = plan.source_bytes() as u64;
     // Two lines: overall bytes, and tensors finished (the one named last is the one just written).
-    let multi = MultiProgress::with_draw_target(if spec.quiet {
-        ProgressDrawTarget::hidden()
-    } else {
-        ProgressDrawTarget::stderr()
+    let multi = spec.progress.clone().unwrap_or_else(|| {
+        MultiProgress::with_draw_target(if spec.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        })
     });
     let bar = multi.add(ProgressBar::new(total));
     bar.set_style(
@@ -275,6 +281,62 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
     for j in &jobs {
         *pending[j.tensor].get_mut() += 1;
     }
+    // A local checkpoint is one batch (biggest jobs first across all shards). A checkpoint still
+    // downloading is converted shard by shard in download order, each batch after its shard
+    // arrived, so shard N converts while shard N+1 downloads.
+    let batches: Vec<(Option<usize>, Vec<&Job>)> = if source.is_streaming() {
+        let mut by_shard: Vec<Vec<&Job>> = vec![Vec::new(); source.shards.len()];
+        for j in &jobs {
+            by_shard[source.tensors[&plan.tensors[j.tensor].source].shard].push(j);
+        }
+        by_shard
+            .into_iter()
+            .enumerate()
+            .map(|(i, js)| (Some(i), js))
+            .collect()
+    } else {
+        vec![(None, jobs.iter().collect())]
+    };
+    for (shard, batch) in &batches {
+        if let Some(i) = shard {
+            source.wait_shard(*i, &spec.cancel)?;
+        }
+        convert_batch(
+            source,
+            plan,
+            spec,
+            batch,
+            &writers,
+            &pending,
+            &bar,
+            &tensor_bar,
+        )?;
+        if let (Some(i), Some(feed)) = (shard, &source.feed) {
+            feed.converted(*i);
+        }
+    }
+    bar.finish_and_clear();
+    tensor_bar.finish_and_clear();
+    let mut written = 0;
+    for (w, s) in writers.into_iter().zip(&plan.shards) {
+        written += s.header.file_len;
+        w.finish()?;
+    }
+    Ok(written)
+}
+
+/// Runs one batch of jobs on the rayon pool.
+#[allow(clippy::too_many_arguments)]
+fn convert_batch(
+    source: &Source,
+    plan: &Plan,
+    spec: &OutputSpec,
+    jobs: &[&Job],
+    writers: &[ShardWriter],
+    pending: &[AtomicUsize],
+    bar: &ProgressBar,
+    tensor_bar: &ProgressBar,
+) -> Result<()> {
     jobs.par_iter().try_for_each_init(
         || (Vec::new(), Vec::new(), Vec::new()),
         |(cast_buf, perm_buf, deq_buf), job| -> Result<()> {
@@ -327,7 +389,7 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
                     let off = o.offset + job.rows.start * k * t.dtype.size();
                     writers[o.shard].write_at(off, data)?;
                 }
-                Some(q) => quantize_rows(t, job, data, q, &writers)?,
+                Some(q) => quantize_rows(t, job, data, q, writers)?,
             }
             let (start, len) = if t.layout.is_some() {
                 (0, all.len())
@@ -343,15 +405,7 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
             }
             Ok(())
         },
-    )?;
-    bar.finish_and_clear();
-    tensor_bar.finish_and_clear();
-    let mut written = 0;
-    for (w, s) in writers.into_iter().zip(&plan.shards) {
-        written += s.header.file_len;
-        w.finish()?;
-    }
-    Ok(written)
+    )
 }
 
 /// Dequantizes the rows `job.rows` of a packed source weight into `out` (`t.source_dtype`).
@@ -466,20 +520,21 @@ fn model_card(plan: &Plan, spec: &OutputSpec) -> String {
                 .unwrap_or("the source dtype")
         ),
     };
+    let dir_name = spec
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let model = spec.model_ref.map(str::to_string).unwrap_or(dir_name);
     format!(
         "---\nlibrary_name: mlx\ntags:\n- mlx\n- vlm-convert\nbase_model: {base}\npipeline_tag: image-text-to-text\n---\n\n\
-# {name}\n\n\
+# {model}\n\n\
 This model was converted to MLX format from [`{base}`](https://huggingface.co/{base}) with \
-vlm-convert {version}, {what}.\n\n\
+vlm-convert {version}, {what}, using this command:\n\n\
 ```bash\n{cmd}\n```\n\n\
 ## Use with mlx-vlm\n\n\
-```bash\npip install -U mlx-vlm\npython -m mlx_vlm.generate --model {name} --max-tokens 100 --prompt \"Describe this image.\" --image <path or url>\n```\n",
+```bash\npip install -U mlx-vlm\npython -m mlx_vlm.generate --model {model} --max-tokens 100 --prompt \"Describe this image.\" --image <path or url>\n```\n",
         base = spec.base_model,
-        name = spec
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
         version = env!("CARGO_PKG_VERSION"),
         what = what,
         cmd = spec.command,

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// Largest header accepted (same limit as the reference implementation).
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -42,9 +43,15 @@ impl TensorInfo {
 }
 
 /// A memory-mapped, validated safetensors file.
+///
+/// A file still being downloaded starts as [`SafetensorsFile::pending`]: its header (fetched on its
+/// own) is known, so the plan can be made, and [`SafetensorsFile::attach`] maps the bytes once the
+/// file is complete.
 pub struct SafetensorsFile {
     pub path: PathBuf,
-    mmap: Mmap,
+    mmap: OnceLock<Mmap>,
+    /// The file's length (known from the header request for a pending file).
+    len: u64,
     data_start: usize,
     pub tensors: BTreeMap<String, TensorInfo>,
     pub metadata: BTreeMap<String, String>,
@@ -78,16 +85,67 @@ impl SafetensorsFile {
         let (tensors, metadata, data_start) = parse_header(&mmap).map_err(bad)?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
-            mmap,
+            mmap: OnceLock::from(mmap),
+            len,
             data_start,
             tensors,
             metadata,
         })
     }
 
+    /// A file whose bytes are not there yet: `prefix` holds (at least) its first `8 + header length`
+    /// bytes and `len` is the length the complete file will have. The header is validated against
+    /// `len` exactly as [`SafetensorsFile::open`] would.
+    pub fn pending(path: &Path, prefix: &[u8], len: u64) -> Result<SafetensorsFile> {
+        let (tensors, metadata, data_start) =
+            parse_header_in(prefix, len).map_err(|msg| Error::Safetensors {
+                path: path.to_path_buf(),
+                msg,
+            })?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap: OnceLock::new(),
+            len,
+            data_start,
+            tensors,
+            metadata,
+        })
+    }
+
+    /// Whether the bytes are mapped (always, except for a [`SafetensorsFile::pending`] file not yet
+    /// attached).
+    pub fn is_attached(&self) -> bool {
+        self.mmap.get().is_some()
+    }
+
+    /// Maps a pending file once it is complete on disk, checking that it is the file whose header
+    /// was planned with (same length, same header).
+    pub fn attach(&self) -> Result<()> {
+        if self.is_attached() {
+            return Ok(());
+        }
+        let full = SafetensorsFile::open(&self.path)?;
+        if full.len != self.len || full.tensors != self.tensors || full.metadata != self.metadata {
+            return Err(Error::Safetensors {
+                path: self.path.clone(),
+                msg: "the downloaded file differs from the header fetched before the download (the revision changed?); run again".into(),
+            });
+        }
+        let mmap = full.mmap.into_inner().expect("open maps the file");
+        let _ = self.mmap.set(mmap);
+        Ok(())
+    }
+
+    fn mmap(&self) -> &Mmap {
+        // The pipeline reads a shard only after `Source::wait_shard` attached it.
+        self.mmap
+            .get()
+            .expect("a pending shard is attached before its tensors are read")
+    }
+
     /// The raw bytes of a tensor of this file (validated in `open`).
     pub fn data(&self, t: &TensorInfo) -> &[u8] {
-        &self.mmap[self.data_start + t.begin..self.data_start + t.end]
+        &self.mmap()[self.data_start + t.begin..self.data_start + t.end]
     }
 
     /// Whether MLX wrote this file (`__metadata__.format == "mlx"`): its layouts are already MLX's.
@@ -101,8 +159,9 @@ impl SafetensorsFile {
     pub fn release(&self, t: &TensorInfo, start: usize, len: usize) {
         // SAFETY: the map is read-only and file-backed, so MADV_DONTNEED only unmaps pages; a later
         // access (another job sharing an edge page) faults them back in from the unchanged file.
+        let Some(mmap) = self.mmap.get() else { return };
         let _ = unsafe {
-            self.mmap.unchecked_advise_range(
+            mmap.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
                 self.data_start + t.begin + start,
                 len,
@@ -112,7 +171,8 @@ impl SafetensorsFile {
 
     /// Hints the kernel that `t` will be read once, front to back.
     pub fn advise_sequential(&self, t: &TensorInfo) {
-        let _ = self.mmap.advise_range(
+        let Some(mmap) = self.mmap.get() else { return };
+        let _ = mmap.advise_range(
             memmap2::Advice::Sequential,
             self.data_start + t.begin,
             t.nbytes(),
@@ -128,8 +188,13 @@ type Parsed = (
 
 /// Validates a whole safetensors buffer's header against the buffer's length.
 pub fn parse_header(buf: &[u8]) -> std::result::Result<Parsed, String> {
-    let len = buf.len() as u64;
-    if len < 8 {
+    parse_header_in(buf, buf.len() as u64)
+}
+
+/// Validates the header at the start of `buf` for a file of `len` bytes; `buf` may hold only the
+/// file's first bytes (a header fetched with an HTTP range request) but must hold the whole header.
+pub fn parse_header_in(buf: &[u8], len: u64) -> std::result::Result<Parsed, String> {
+    if len < 8 || buf.len() < 8 {
         return Err(format!("the file is {len} bytes, too short for a header"));
     }
     let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
@@ -141,6 +206,13 @@ pub fn parse_header(buf: &[u8]) -> std::result::Result<Parsed, String> {
     if 8 + n > len {
         return Err(format!(
             "header length {n} is larger than the file ({len} bytes): the file is truncated or not safetensors"
+        ));
+    }
+    if 8 + n > buf.len() as u64 {
+        return Err(format!(
+            "only {} bytes of the {}-byte header were read",
+            buf.len(),
+            8 + n
         ));
     }
     let header = &buf[8..8 + n as usize];

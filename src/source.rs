@@ -2,12 +2,19 @@
 //! cache). Owns finding and validating everything a conversion reads: config.json, the safetensors
 //! shards and their index, and the tokenizer/processor files to carry over. Nothing here interprets
 //! tensor names; that is the recipe's job.
+//!
+//! A checkpoint still being downloaded (see `hub`) is opened with [`Source::open_streaming`]: the
+//! shards' headers are known up front, their bytes arrive later through a [`ShardFeed`], and the
+//! pipeline waits on [`Source::wait_shard`] before it reads a shard.
 
 use crate::error::{Error, Result};
 use crate::shard::{SafetensorsFile, TensorInfo};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// Files carried over verbatim (SPEC.md section 1). Never code: `*.py` is not in this list.
 pub const SIDECAR_FILES: &[&str] = &[
@@ -49,10 +56,154 @@ pub struct Source {
     pub sidecars: Vec<PathBuf>,
     /// Files whose bytes were used (config, index, shards, sidecars), for provenance.
     pub input_files: Vec<PathBuf>,
+    /// Set when some shards are still arriving (a Hub download running beside the conversion).
+    pub feed: Option<Arc<ShardFeed>>,
+}
+
+/// A shard's header fetched ahead of its bytes: the file's first bytes (at least the whole header)
+/// and the length the complete file will have.
+#[derive(Debug, Clone)]
+pub struct PendingShard {
+    pub prefix: Vec<u8>,
+    pub len: u64,
+}
+
+/// Hands shards from a downloader thread to the pipeline: each shard (by index into
+/// [`Source::shards`]) is pending until the downloader marks it ready or failed. Also keeps a
+/// timeline of both sides (`downloaded`, `convert_start`, `converted`), reported by `--json`, which
+/// shows whether download and conversion overlapped.
+pub struct ShardFeed {
+    state: Mutex<FeedState>,
+    changed: Condvar,
+    started: Instant,
+}
+
+struct FeedState {
+    /// `None` pending, `Some(Ok)` ready, `Some(Err)` failed (taken by the waiter).
+    shards: Vec<Option<Result<()>>>,
+    events: Vec<FeedEvent>,
+}
+
+/// One entry of the download/convert timeline.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FeedEvent {
+    pub event: &'static str,
+    pub shard: usize,
+    /// Seconds since the feed was created.
+    pub t: f64,
+}
+
+impl std::fmt::Debug for ShardFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardFeed").finish_non_exhaustive()
+    }
+}
+
+impl ShardFeed {
+    /// A feed for `n` shards, all pending; mark the ones already on disk ready.
+    pub fn new(n: usize) -> ShardFeed {
+        ShardFeed {
+            state: Mutex::new(FeedState {
+                shards: (0..n).map(|_| None).collect(),
+                events: Vec::new(),
+            }),
+            changed: Condvar::new(),
+            started: Instant::now(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FeedState> {
+        // A panic while holding this lock cannot leave the state half-updated (single assignments).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, st: &mut FeedState, event: &'static str, shard: usize) {
+        let t = self.started.elapsed().as_secs_f64();
+        st.events.push(FeedEvent { event, shard, t });
+    }
+
+    /// The downloader finished shard `i` (complete and verified on disk), or failed on it.
+    pub fn finish(&self, i: usize, result: Result<()>) {
+        let mut st = self.lock();
+        if result.is_ok() {
+            self.record(&mut st, "downloaded", i);
+        }
+        if let Some(slot) = st.shards.get_mut(i) {
+            *slot = Some(result);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Fails every shard not finished yet (the downloader stopped early).
+    pub fn fail_rest(&self, err: impl Fn() -> Error) {
+        let mut st = self.lock();
+        for slot in st.shards.iter_mut().filter(|s| s.is_none()) {
+            *slot = Some(Err(err()));
+        }
+        self.changed.notify_all();
+    }
+
+    /// Blocks until shard `i` is ready (or failed, or `cancel` is set).
+    fn wait(&self, i: usize, cancel: &AtomicBool) -> Result<()> {
+        let mut st = self.lock();
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted);
+            }
+            // 0 pending, 1 ready (or no such shard: nothing to wait for), 2 failed.
+            let state = match st.shards.get(i) {
+                Some(None) => 0,
+                Some(Some(Err(_))) => 2,
+                _ => 1,
+            };
+            match state {
+                1 => {
+                    self.record(&mut st, "convert_start", i);
+                    return Ok(());
+                }
+                2 => {
+                    let old = st.shards[i].replace(Err(Error::Interrupted));
+                    return match old {
+                        Some(Err(e)) => Err(e),
+                        _ => Err(Error::Interrupted),
+                    };
+                }
+                _ => {
+                    // Wake up now and then to notice Ctrl-C.
+                    st = self
+                        .changed
+                        .wait_timeout(st, Duration::from_millis(100))
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// The pipeline finished converting every tensor of shard `i`.
+    pub fn converted(&self, i: usize) {
+        let mut st = self.lock();
+        self.record(&mut st, "converted", i);
+    }
+
+    /// The timeline so far.
+    pub fn events(&self) -> Vec<FeedEvent> {
+        self.lock().events.clone()
+    }
 }
 
 impl Source {
     pub fn open(dir: &Path) -> Result<Source> {
+        Source::open_streaming(dir, &BTreeMap::new(), None)
+    }
+
+    /// Opens a checkpoint some of whose shards (by file name) are still being downloaded: their
+    /// headers come from `pending`, their bytes arrive through `feed` (indexed like `shards`).
+    pub fn open_streaming(
+        dir: &Path,
+        pending: &BTreeMap<String, PendingShard>,
+        feed: Option<Arc<ShardFeed>>,
+    ) -> Result<Source> {
         if !dir.exists() {
             return Err(Error::SourceNotFound(dir.to_path_buf()));
         }
@@ -92,6 +243,13 @@ impl Source {
                 .collect(),
             None => {
                 let mut files = list_files(dir, |n| n.ends_with(".safetensors"))?;
+                let extra: Vec<String> = pending
+                    .keys()
+                    .filter(|k| !files.contains(k))
+                    .cloned()
+                    .collect();
+                files.extend(extra);
+                files.sort();
                 if files.is_empty() {
                     let pickles = list_files(dir, |n| {
                         [".bin", ".pt", ".pth", ".ckpt"]
@@ -129,13 +287,18 @@ impl Source {
                 },
                 (e, _) => e,
             })?;
-            if weight_map.is_some() && !p.exists() {
-                return Err(index_error(format!(
-                    "shard `{f}` is listed but missing from {}: the download is incomplete; fetch it again",
-                    dir.display()
-                )));
-            }
-            let shard = SafetensorsFile::open(&p)?;
+            let shard = match pending.get(f) {
+                Some(ps) => SafetensorsFile::pending(&p, &ps.prefix, ps.len)?,
+                None => {
+                    if weight_map.is_some() && !p.exists() {
+                        return Err(index_error(format!(
+                            "shard `{f}` is listed but missing from {}: the download is incomplete; fetch it again",
+                            dir.display()
+                        )));
+                    }
+                    SafetensorsFile::open(&p)?
+                }
+            };
             for (name, info) in &shard.tensors {
                 if let Some(prev) = tensors.get(name) {
                     return Err(Error::DuplicateTensor {
@@ -202,7 +365,24 @@ impl Source {
             tensors,
             sidecars,
             input_files,
+            feed,
         })
+    }
+
+    /// Waits until shard `i`'s bytes are on disk and maps them (immediate for a local checkpoint).
+    pub fn wait_shard(&self, i: usize, cancel: &AtomicBool) -> Result<()> {
+        if let Some(feed) = &self.feed {
+            feed.wait(i, cancel)?;
+        }
+        match self.shards.get(i) {
+            Some(shard) => shard.attach(),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether shards arrive over time (then the pipeline converts shard by shard, in order).
+    pub fn is_streaming(&self) -> bool {
+        self.feed.is_some()
     }
 
     /// The repo's Python files (custom modelling/processing code), for `--copy-remote-code`. They are
