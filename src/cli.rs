@@ -107,6 +107,10 @@ pub struct ConvertArgs {
     /// Also copy the repo's *.py files (custom model code) to the output. vlm-convert never runs them.
     #[arg(long = "copy-remote-code")]
     pub copy_remote_code: bool,
+    /// Do not hash the input files for provenance.json (sizes are still recorded). Inputs in a
+    /// Hugging Face cache are named by their hash and are recorded either way.
+    #[arg(long = "no-input-hash")]
+    pub no_input_hash: bool,
 }
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1024` (bytes).
@@ -152,6 +156,24 @@ pub fn run(cli: Cli) -> Result<i32> {
             } else {
                 for p in &r.problems {
                     println!("problem: {p}");
+                }
+                let pv = &r.provenance;
+                match pv.status {
+                    "absent" => println!("provenance: no provenance file (not verified)"),
+                    "verified" => println!(
+                        "provenance: {} file(s) match {} (source {}{})",
+                        pv.verified_files,
+                        crate::provenance::FILE,
+                        pv.source.as_deref().unwrap_or("?"),
+                        pv.revision
+                            .as_deref()
+                            .map(|r| format!(" at {r}"))
+                            .unwrap_or_default()
+                    ),
+                    _ => println!(
+                        "provenance: FAILED ({} problem(s) above)",
+                        pv.problems.len()
+                    ),
                 }
                 println!(
                     "{}: {} file(s), {} tensors, {} quantized modules, {} problem(s)",
@@ -283,6 +305,17 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     }
     let base_model = source.repo_id().unwrap_or_else(|| source.display_name());
     let command = command_line();
+    // What decided the output, for provenance.json: resolved values, not the flags' spellings (the
+    // argv beside them keeps those).
+    let settings = json!({
+        "recipe": {"name": recipe.name, "origin": recipe.origin, "sha256": recipe.sha256},
+        "dtype": plan.dtype.map(DType::torch_name),
+        "quantization": plan.quant.as_ref().map(|q| q.to_json()),
+        "max_shard_size": a.max_shard_size,
+        "allow_nonfinite": a.allow_nonfinite,
+        "copy_remote_code": a.copy_remote_code,
+        "hash_inputs": !a.no_input_hash,
+    });
     let spec = OutputSpec {
         path: &out,
         force: a.force,
@@ -293,6 +326,9 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         allow_nonfinite: a.allow_nonfinite,
         copy_remote_code: a.copy_remote_code,
         cancel,
+        settings,
+        argv: crate::provenance::redact_argv(&argv()),
+        hash_inputs: !a.no_input_hash,
     };
     let stats = write_output(&source, &plan, &spec)?;
     let secs = started.elapsed().as_secs_f64();
@@ -343,6 +379,18 @@ fn stats_bits_per_weight(plan: &Plan) -> f64 {
         return 0.0;
     }
     plan.total_size as f64 * 8.0 / plan.total_parameters as f64
+}
+
+/// The command line, with the program named by its file name (where it is installed is not part of
+/// what it did).
+fn argv() -> Vec<String> {
+    let mut v: Vec<String> = std::env::args().collect();
+    if let Some(first) = v.first_mut() {
+        if let Some(name) = std::path::Path::new(first.as_str()).file_name() {
+            *first = name.to_string_lossy().into_owned();
+        }
+    }
+    v
 }
 
 fn command_line() -> String {

@@ -4,7 +4,9 @@
 //! [`source`] (find and validate the checkpoint) -> [`recipe`] (the architecture's mapping rules, data
 //! files in `recipes/`) -> [`plan`] (every output tensor decided before heavy work) -> [`pipeline`]
 //! (rayon: read, transform, [`quant`]ize, write through [`shard`]) -> output directory with
-//! [`config`] rewritten. [`dtype`] and [`error`] are shared leaves; [`cli`] is the command line.
+//! [`config`] rewritten and a [`provenance`] file. [`shapes`] holds the recipes' shape rules the plan
+//! checks against config.json. [`dtype`] and [`error`] are shared leaves; [`cli`] is the command line;
+//! [`check`] validates any MLX directory.
 
 pub mod check;
 pub mod cli;
@@ -15,8 +17,10 @@ pub mod error;
 pub mod mlx;
 pub mod pipeline;
 pub mod plan;
+pub mod provenance;
 pub mod quant;
 pub mod recipe;
+pub mod shapes;
 pub mod shard;
 pub mod source;
 #[cfg(feature = "mlx")]

@@ -7,6 +7,7 @@ use crate::config::{output_config, to_pretty_json, write_json};
 use crate::dtype::{cast_into, DType};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, Role, TensorPlan};
+use crate::provenance::{self, Provenance, SourceId};
 use crate::quant;
 use crate::shard::ShardWriter;
 use crate::source::Source;
@@ -39,6 +40,13 @@ pub struct OutputSpec<'a> {
     /// Also copy the repo's `*.py` files (remote code). Never imported or run by us.
     pub copy_remote_code: bool,
     pub cancel: Arc<AtomicBool>,
+    /// The effective settings, recorded in provenance.json.
+    pub settings: Value,
+    /// The command line (secrets redacted), recorded in provenance.json.
+    pub argv: Vec<String>,
+    /// Hash the input files for provenance.json (`--no-input-hash` turns it off; Hugging Face cache
+    /// blobs are named by their hash and cost nothing either way).
+    pub hash_inputs: bool,
 }
 
 /// What a run produced.
@@ -128,7 +136,46 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
         committed: false,
     };
 
-    let bytes_written = write_shards(source, plan, &staging_dir, spec)?;
+    let remote_code = if spec.copy_remote_code {
+        source.remote_code()?
+    } else {
+        Vec::new()
+    };
+    // The input files' hashes are computed beside the conversion (rayon steals the hashing task as
+    // soon as a worker is free); either side failing stops the other early.
+    let failed = AtomicBool::new(false);
+    let stop = || spec.cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
+    let input_files: Vec<PathBuf> = source
+        .input_files
+        .iter()
+        .chain(&remote_code)
+        .cloned()
+        .collect();
+    let (written, inputs) = rayon::join(
+        || {
+            let r = write_shards(source, plan, &staging_dir, spec);
+            if r.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            r
+        },
+        || {
+            let r = provenance::digest_inputs(
+                &source.dir,
+                &input_files,
+                source.repo_id().is_some(),
+                spec.hash_inputs,
+                &stop,
+            );
+            if r.is_err() {
+                failed.store(true, Ordering::Relaxed);
+            }
+            r
+        },
+    );
+    // The conversion's own error explains more than the hashing that it cut short.
+    let bytes_written = written?;
+    let inputs = inputs?;
     let mut files: Vec<String> = plan.shards.iter().map(|s| s.file_name.clone()).collect();
 
     // Index: always written, weight_map sorted (serde_json maps are ordered).
@@ -152,11 +199,6 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
     write_json(&staging_dir.join("config.json"), &config)?;
     files.push("config.json".into());
 
-    let remote_code = if spec.copy_remote_code {
-        source.remote_code()?
-    } else {
-        Vec::new()
-    };
     for p in source.sidecars.iter().chain(&remote_code) {
         let name = p.file_name().expect("sidecar has a name");
         let dest = staging_dir.join(name);
@@ -168,6 +210,25 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
     let card_path = staging_dir.join("README.md");
     std::fs::write(&card_path, card).map_err(|e| Error::write(&card_path, e))?;
     files.push("README.md".into());
+
+    // Provenance last: it lists every other file, hashed while their pages are still cached.
+    let outputs = provenance::digest_outputs(&staging_dir, &stop)?;
+    let record = Provenance {
+        format: provenance::FORMAT.into(),
+        tool: provenance::tool(),
+        source: SourceId {
+            path: source.dir.to_string_lossy().into_owned(),
+            repo_id: source.repo_id(),
+            revision: source.revision(),
+        },
+        inputs,
+        settings: spec.settings.clone(),
+        argv: spec.argv.clone(),
+        outputs,
+    };
+    let record_path = staging_dir.join(provenance::FILE);
+    std::fs::write(&record_path, record.to_bytes()).map_err(|e| Error::write(&record_path, e))?;
+    files.push(provenance::FILE.into());
 
     if spec.cancel.load(Ordering::SeqCst) {
         return Err(Error::Interrupted);
