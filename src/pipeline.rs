@@ -7,13 +7,14 @@ use crate::config::{output_config, to_pretty_json, write_json};
 use crate::dtype::{cast_into, DType};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, Role, TensorPlan};
-use crate::provenance::{self, Provenance, SourceId};
+use crate::provenance::{self, FileDigest, Provenance, SourceId};
 use crate::quant;
 use crate::shard::ShardWriter;
 use crate::source::Source;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -174,7 +175,10 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
         },
     );
     // The conversion's own error explains more than the hashing that it cut short.
-    let bytes_written = written?;
+    let WrittenShards {
+        bytes: bytes_written,
+        digests: shard_digests,
+    } = written?;
     let inputs = inputs?;
     let mut files: Vec<String> = plan.shards.iter().map(|s| s.file_name.clone()).collect();
 
@@ -212,7 +216,7 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
     files.push("README.md".into());
 
     // Provenance last: it lists every other file, hashed while their pages are still cached.
-    let outputs = provenance::digest_outputs(&staging_dir, &stop)?;
+    let outputs = provenance::digest_outputs(&staging_dir, shard_digests, &stop)?;
     let record = Provenance {
         format: provenance::FORMAT.into(),
         tool: provenance::tool(),
@@ -306,7 +310,18 @@ fn jobs_for(plan: &Plan) -> Vec<Job> {
     jobs
 }
 
-fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> Result<usize> {
+/// Shard files written: their total size and each one's digest (for provenance.json).
+struct WrittenShards {
+    bytes: usize,
+    digests: BTreeMap<String, FileDigest>,
+}
+
+fn write_shards(
+    source: &Source,
+    plan: &Plan,
+    dir: &Path,
+    spec: &OutputSpec,
+) -> Result<WrittenShards> {
     let writers: Vec<ShardWriter> = plan
         .shards
         .iter()
@@ -403,12 +418,35 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
     )?;
     bar.finish_and_clear();
     tensor_bar.finish_and_clear();
-    let mut written = 0;
-    for (w, s) in writers.into_iter().zip(&plan.shards) {
-        written += s.header.file_len;
-        w.finish()?;
-    }
-    Ok(written)
+    let bytes = plan.shards.iter().map(|s| s.header.file_len).sum();
+    // Hash each shard while the kernel writes it back: the fsyncs wait on the disk in their own
+    // threads (costing no CPU), the hashing reads the pages just written, still in the page cache.
+    let stop = || spec.cancel.load(Ordering::Relaxed);
+    let (synced, digests) = std::thread::scope(|scope| {
+        let syncs: Vec<_> = writers
+            .into_iter()
+            .map(|w| scope.spawn(move || w.finish()))
+            .collect();
+        let digests = plan
+            .shards
+            .par_iter()
+            .map(|s| {
+                let d = provenance::sha256_file(&dir.join(&s.file_name), &stop)?;
+                Ok((s.file_name.clone(), d))
+            })
+            .collect::<Result<BTreeMap<_, _>>>();
+        let synced = syncs
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<Result<Vec<()>>>();
+        (synced, digests)
+    });
+    // A failed write-back (disk full, I/O error) explains more than a hash cut short by it.
+    synced?;
+    Ok(WrittenShards {
+        bytes,
+        digests: digests?,
+    })
 }
 
 fn quantize_rows(

@@ -257,13 +257,18 @@ pub fn digest_inputs(
     Ok(digests.into_iter().collect())
 }
 
-/// Digests of every file in `dir` except the provenance file itself, hashed in parallel.
-pub fn digest_outputs(dir: &Path, stop: Stop) -> Result<BTreeMap<String, FileDigest>> {
+/// Digests of every file in `dir` except the provenance file itself: `known` (hashed already, e.g.
+/// the shards while they were synced) plus the others, hashed in parallel.
+pub fn digest_outputs(
+    dir: &Path,
+    known: BTreeMap<String, FileDigest>,
+    stop: Stop,
+) -> Result<BTreeMap<String, FileDigest>> {
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir).map_err(|e| Error::read(dir, e))? {
         let e = e.map_err(|e| Error::read(dir, e))?;
         let name = e.file_name().to_string_lossy().into_owned();
-        if name != FILE {
+        if name != FILE && !known.contains_key(&name) {
             names.push((name, e.metadata().map(|m| m.len()).unwrap_or(0)));
         }
     }
@@ -272,7 +277,9 @@ pub fn digest_outputs(dir: &Path, stop: Stop) -> Result<BTreeMap<String, FileDig
         .par_iter()
         .map(|(n, _)| Ok((n.clone(), sha256_file(&dir.join(n), stop)?)))
         .collect::<Result<_>>()?;
-    Ok(v.into_iter().collect())
+    let mut all = known;
+    all.extend(v);
+    Ok(all)
 }
 
 // ---- verification (`vlm-convert check`) ----------------------------------------------------------

@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use regex::Regex;
 use serde::Deserialize;
 use serde_json::Value;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -368,7 +369,7 @@ impl ShapeRules {
     pub fn check(&self, tensors: &[(&str, &str, Vec<usize>)], config: &Value) -> Result<()> {
         let mut problems = Vec::new();
         for g in &self.groups {
-            let scope = Scope { config, group: g };
+            let scope = Scope::new(config, g);
             for (source, name, shape) in tensors {
                 // The first rule of the group whose pattern matches decides, like name rules.
                 let Some((_, dims)) = g.tensors.iter().find(|(re, _)| re.is_match(name)) else {
@@ -435,19 +436,31 @@ impl ShapeRules {
                     .trim_end_matches(")$");
                 let counted = std::slice::from_ref(count_expr);
                 if let Some(example) = beyond {
-                    let extra: Vec<u64> = seen.range(count..).copied().collect();
+                    let extra: BTreeSet<u64> = seen.range(count..).copied().collect();
                     problems.push(format!(
                         "config.json says {count_expr} = {count}{}, but the checkpoint has tensors for layer(s) {} (e.g. {example}; pattern `{pattern}`)",
                         scope.explain(counted),
-                        compress_ranges(&extra),
+                        format_ranges(&ranges_of(&extra)),
                     ));
                 }
-                let missing: Vec<u64> = (0..count).filter(|i| !seen.contains(i)).collect();
-                if !missing.is_empty() {
+                // Gaps between the layers present, never enumerated one by one: a hostile count
+                // (say 1e18) must not allocate.
+                let mut gaps: Vec<(u64, u64)> = Vec::new();
+                let mut next = 0u64;
+                for &i in seen.range(..count) {
+                    if i > next {
+                        gaps.push((next, i - 1));
+                    }
+                    next = i + 1;
+                }
+                if next < count {
+                    gaps.push((next, count - 1));
+                }
+                if !gaps.is_empty() {
                     problems.push(format!(
                         "config.json says {count_expr} = {count}{}, but the checkpoint has no tensors for layer(s) {} (pattern `{pattern}`)",
                         scope.explain(counted),
-                        compress_ranges(&missing),
+                        format_ranges(&gaps),
                     ));
                 }
             }
@@ -479,21 +492,34 @@ fn tensor_label(source: &str, name: &str) -> String {
     }
 }
 
-/// `[2, 3, 4, 7]` -> `2..4, 7`.
-fn compress_ranges(v: &[u64]) -> String {
-    let mut parts = Vec::new();
-    let mut i = 0;
-    while i < v.len() {
-        let mut j = i;
-        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
-            j += 1;
+/// `[2, 3, 4, 7]` -> `[(2, 4), (7, 7)]`.
+fn ranges_of(v: &BTreeSet<u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &i in v {
+        match out.last_mut() {
+            Some((_, end)) if *end + 1 == i => *end = i,
+            _ => out.push((i, i)),
         }
-        parts.push(if i == j {
-            v[i].to_string()
-        } else {
-            format!("{}..{}", v[i], v[j])
-        });
-        i = j + 1;
+    }
+    out
+}
+
+/// `[(2, 4), (7, 7)]` -> `2..4, 7`; long lists are cut short.
+fn format_ranges(r: &[(u64, u64)]) -> String {
+    const SHOWN: usize = 10;
+    let mut parts: Vec<String> = r
+        .iter()
+        .take(SHOWN)
+        .map(|&(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}..{b}")
+            }
+        })
+        .collect();
+    if r.len() > SHOWN {
+        parts.push(format!("and {} more ranges", r.len() - SHOWN));
     }
     parts.join(", ")
 }
@@ -502,6 +528,19 @@ fn compress_ranges(v: &[u64]) -> String {
 struct Scope<'a> {
     config: &'a Value,
     group: &'a ShapeGroup,
+    /// Defaults already evaluated (`None`: not computable, or part of a cycle). Each default is
+    /// evaluated once, so defaults that refer to each other cannot make the work explode.
+    resolved: RefCell<BTreeMap<String, Option<u64>>>,
+}
+
+impl<'a> Scope<'a> {
+    fn new(config: &'a Value, group: &'a ShapeGroup) -> Self {
+        Scope {
+            config,
+            group,
+            resolved: RefCell::new(BTreeMap::new()),
+        }
+    }
 }
 
 /// A config value found for a key, and the dotted path it came from (for messages).
@@ -545,12 +584,14 @@ impl Scope<'_> {
                     });
                     return Ok(whole.map_or(Lookup::Absent, |w| Lookup::Found(p, w)));
                 }
-                Some(v) => return Err(Error::ConfigInvalid {
-                    path: "config.json".into(),
-                    msg: format!(
+                Some(v) => {
+                    return Err(Error::ConfigInvalid {
+                        path: "config.json".into(),
+                        msg: format!(
                         "`{p}` is {v}, not a number; fix it (tensor shapes are checked against it)"
                     ),
-                }),
+                    })
+                }
             }
         }
         if !key.contains('.') && self.group.defaults.contains_key(key) {
@@ -565,10 +606,21 @@ impl Scope<'_> {
             Expr::Num(n) => Some(*n),
             Expr::Key(k) => match self.lookup(k)? {
                 Lookup::Found(_, n) => Some(n),
-                Lookup::Default if depth < MAX_DEPTH => {
-                    self.eval(&self.group.defaults[k.as_str()], depth + 1)?
+                Lookup::Default => {
+                    if let Some(v) = self.resolved.borrow().get(k) {
+                        return Ok(*v);
+                    }
+                    // Marked first, so a cycle finds `None` instead of recursing.
+                    self.resolved.borrow_mut().insert(k.clone(), None);
+                    let v = if depth < MAX_DEPTH {
+                        self.eval(&self.group.defaults[k.as_str()], depth + 1)?
+                    } else {
+                        None
+                    };
+                    self.resolved.borrow_mut().insert(k.clone(), v);
+                    v
                 }
-                Lookup::Default | Lookup::Absent => None,
+                Lookup::Absent => None,
             },
             Expr::Bin(a, op, b) => {
                 let (Some(x), Some(y)) = (self.eval(a, depth)?, self.eval(b, depth)?) else {
@@ -585,24 +637,35 @@ impl Scope<'_> {
         })
     }
 
-    /// Where the keys of `exprs` came from: ` (text_config.num_attention_heads = 4, head_dim absent,
-    /// default hidden_size / num_attention_heads = 32)`. A value read from exactly the key written in
-    /// the expression needs no explanation beyond the expression itself, unless it came from a section.
+    /// Where the keys of `exprs` came from, defaults' own keys included: ` (head_dim absent, default
+    /// hidden_size / num_attention_heads = 32, text_config.hidden_size = 128, ...)`.
     fn explain(&self, exprs: &[Expr]) -> String {
         let mut keys = BTreeSet::new();
         for e in exprs {
             e.keys(&mut keys);
         }
+        // Follow defaults to the keys they are computed from (bounded: defaults may refer to each other).
+        for _ in 0..MAX_DEPTH {
+            let mut more = BTreeSet::new();
+            for k in &keys {
+                if let Ok(Lookup::Default) = self.lookup(k) {
+                    self.group.defaults[k.as_str()].keys(&mut more);
+                }
+            }
+            let before = keys.len();
+            keys.extend(more);
+            if keys.len() == before {
+                break;
+            }
+        }
         let mut parts = Vec::new();
         for k in keys {
             match self.lookup(&k) {
-                Ok(Lookup::Found(path, _))
-                    if path == k && exprs.iter().any(|e| *e == Expr::Key(k.clone())) => {}
                 Ok(Lookup::Found(path, n)) => parts.push(format!("{path} = {n}")),
                 Ok(Lookup::Default) => {
                     let d = &self.group.defaults[k.as_str()];
                     let v = self
-                        .eval(d, 1)
+                        .eval(&Expr::Key(k.clone()), 0)
                         .ok()
                         .flatten()
                         .map(|v| v.to_string())
@@ -666,10 +729,7 @@ mod tests {
             "[[shapes]]\nsections = ['text_config', '']\ndefaults = { head_dim = 'hidden_size / num_attention_heads' }\ntensors = [{ tensor = 'q', dims = ['num_attention_heads * head_dim', 'hidden_size'] }]",
         );
         let cfg = json!({"text_config": {"hidden_size": 128, "num_attention_heads": 4}});
-        let s = Scope {
-            config: &cfg,
-            group: &r.groups[0],
-        };
+        let s = Scope::new(&cfg, &r.groups[0]);
         assert_eq!(
             s.eval(&Expr::parse("head_dim").unwrap(), 0).unwrap(),
             Some(32)
@@ -717,7 +777,7 @@ tensors = [
         let mut bad = cfg.clone();
         bad["text_config"]["hidden_size"] = 128.into();
         let e = r.check(&good, &bad).unwrap_err().to_string();
-        assert!(e.contains("tensor `lm.embed.weight` has shape [300, 64], but config.json implies [300, 128] = [vocab_size, hidden_size] (text_config.hidden_size = 128)"), "{e}");
+        assert!(e.contains("tensor `lm.embed.weight` has shape [300, 64], but config.json implies [300, 128] = [vocab_size, hidden_size] (text_config.hidden_size = 128, vocab_size = 300)"), "{e}");
         assert!(e.contains("implies [128, 128] = [num_attention_heads * head_dim, hidden_size] (head_dim absent, default hidden_size / num_attention_heads = 32"), "{e}");
 
         let mut bad = cfg.clone();
@@ -740,7 +800,43 @@ tensors = [
 
     #[test]
     fn ranges_compress() {
-        assert_eq!(compress_ranges(&[2, 3, 4, 7, 9, 10]), "2..4, 7, 9..10");
-        assert_eq!(compress_ranges(&[0]), "0");
+        let set: BTreeSet<u64> = [2, 3, 4, 7, 9, 10].into_iter().collect();
+        assert_eq!(format_ranges(&ranges_of(&set)), "2..4, 7, 9..10");
+        let many: Vec<(u64, u64)> = (0..12).map(|i| (i * 2, i * 2)).collect();
+        assert!(format_ranges(&many).ends_with("18, and 2 more ranges"));
+    }
+
+    #[test]
+    fn defaults_referring_to_each_other_are_evaluated_once() {
+        // 40 defaults, each the sum of 40 copies of the next: naive evaluation would take 40^40 steps.
+        let mut defaults = Vec::new();
+        for i in 0..40 {
+            let next = format!("d{}", i + 1);
+            defaults.push(format!("d{i} = '{}'", vec![next.as_str(); 40].join(" + ")));
+        }
+        defaults.push("d40 = 'd0'".into());
+        let r = rules(&format!(
+            "[[shapes]]\nsections = ['']\ndefaults = {{ {} }}\ntensors = [{{ tensor = 'x', dims = ['d0'] }}]",
+            defaults.join(", ")
+        ));
+        let t = std::time::Instant::now();
+        r.check(&[("x", "x", vec![3])], &json!({})).unwrap();
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_huge_layer_count_is_reported_without_enumerating_it() {
+        let r = rules(
+            "[[shapes]]\nsections = ['']\nlayers = { tensor = 'l\\.(\\d+)\\..+', count = 'n' }",
+        );
+        let t = vec![("l.0.w", "l.0.w", vec![1]), ("l.2.w", "l.2.w", vec![1])];
+        let e = r
+            .check(&t, &json!({"n": u64::MAX}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("layer(s) 1, 3..{}", u64::MAX - 1)),
+            "{e}"
+        );
     }
 }

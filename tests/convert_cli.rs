@@ -800,6 +800,10 @@ fn output_is_deterministic_across_runs_and_thread_counts() {
         ))
     };
     let files = listing(&outs[0]);
+    // provenance.json is part of the output and must be byte-identical too: no clock, no thread count.
+    assert!(files.iter().any(|f| f == "provenance.json"), "{files:?}");
+    let p = read_json(&outs[0].join("provenance.json"));
+    assert_eq!(p["outputs"].as_object().unwrap().len(), files.len() - 1);
     for o in &outs[1..] {
         assert_eq!(listing(o), files);
         for f in &files {
