@@ -46,6 +46,20 @@ pub fn recipe(data: &[u8]) {
         if let Some(l) = r.layouts.first() {
             let _ = (l.layout.perm(), l.layout.name());
         }
+        // The recipe's shape rules against a config with awkward values (zero, huge, fractional,
+        // wrong types, nesting), as the plan runs them on every checkpoint.
+        let config = serde_json::json!({
+            "hidden_size": 128, "num_attention_heads": 0, "vocab_size": u64::MAX,
+            "intermediate_size": 2.5, "head_dim": null, "num_hidden_layers": 3,
+            "text_config": {"hidden_size": 64, "model_type": "x", "num_key_value_heads": "two"},
+            "vision_config": {"hidden_size": 1e300, "depth": [1]},
+        });
+        let tensors: Vec<(&str, &str, Vec<usize>)> = NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (*n, *n, vec![i; i % 4]))
+            .collect();
+        let _ = r.shapes.check(&tensors, &config);
     }
 }
 

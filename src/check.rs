@@ -1,6 +1,8 @@
 //! `vlm-convert check DIR`: validates any MLX model directory (ours or anyone's) without loading it
 //! into a framework: config.json parses, the index and the shard files agree, every header is sound,
-//! and every quantized module's weight/scales/biases shapes agree with config.json's settings.
+//! and every quantized module's weight/scales/biases shapes agree with config.json's settings. When the
+//! directory has a `provenance.json` (ours do), every file it lists must be there with the recorded
+//! size and sha256, and no model file may be present that it does not list.
 
 use crate::error::{Error, Result};
 use crate::shard::{SafetensorsFile, TensorInfo};
@@ -16,7 +18,9 @@ pub struct CheckReport {
     pub files: usize,
     pub tensors: usize,
     pub quantized_modules: usize,
+    /// Every problem found, provenance ones included.
     pub problems: Vec<String>,
+    pub provenance: crate::provenance::Verdict,
 }
 
 impl CheckReport {
@@ -97,6 +101,8 @@ pub fn check_dir(dir: &Path) -> Result<CheckReport> {
     if let Some(cfg) = &config {
         check_quantization(cfg, &tensors, &mut r);
     }
+    r.provenance = crate::provenance::verify(dir);
+    r.problems.extend(r.provenance.problems.iter().cloned());
     Ok(r)
 }
 

@@ -221,6 +221,10 @@ pub struct ConvertArgs {
     pub verify: bool,
     #[command(flatten)]
     pub thresholds: ThresholdArgs,
+    /// Do not hash the input files for provenance.json (sizes are still recorded). Inputs in a
+    /// Hugging Face cache are named by their hash and are recorded either way.
+    #[arg(long = "no-input-hash")]
+    pub no_input_hash: bool,
 }
 
 /// Parses `5GB`, `500MB`, `2GiB`, `1024` (bytes).
@@ -266,6 +270,24 @@ pub fn run(cli: Cli) -> Result<i32> {
             } else {
                 for p in &r.problems {
                     println!("problem: {p}");
+                }
+                let pv = &r.provenance;
+                match pv.status {
+                    "absent" => println!("provenance: no provenance file (not verified)"),
+                    "verified" => println!(
+                        "provenance: {} file(s) match {} (source {}{})",
+                        pv.verified_files,
+                        crate::provenance::FILE,
+                        pv.source.as_deref().unwrap_or("?"),
+                        pv.revision
+                            .as_deref()
+                            .map(|r| format!(" at {r}"))
+                            .unwrap_or_default()
+                    ),
+                    _ => println!(
+                        "provenance: FAILED ({} problem(s) above)",
+                        pv.problems.len()
+                    ),
                 }
                 println!(
                     "{}: {} file(s), {} tensors, {} quantized modules, {} problem(s)",
@@ -653,6 +675,17 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     let downloader = download.map(|d| d.start(Arc::clone(&cancel)));
     let base_model = source.repo_id().unwrap_or_else(|| source.display_name());
     let command = command_line();
+    // What decided the output, for provenance.json: resolved values, not the flags' spellings (the
+    // argv beside them keeps those).
+    let settings = json!({
+        "recipe": {"name": recipe.name, "origin": recipe.origin, "sha256": recipe.sha256},
+        "dtype": plan.dtype.map(DType::torch_name),
+        "quantization": plan.quant.as_ref().map(|q| q.to_json()),
+        "max_shard_size": a.max_shard_size,
+        "allow_nonfinite": a.allow_nonfinite,
+        "copy_remote_code": a.copy_remote_code,
+        "hash_inputs": !a.no_input_hash,
+    });
     let spec = OutputSpec {
         path: &out,
         force: a.force,
@@ -665,6 +698,9 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         cancel,
         model_ref: a.upload_repo.as_deref(),
         progress: hub_client.as_ref().map(hub::Hub::progress),
+        settings,
+        argv: crate::provenance::redact_argv(&argv()),
+        hash_inputs: !a.no_input_hash,
     };
     let stats = write_output(&source, &plan, &spec)?;
     if let Some(t) = downloader {
@@ -815,6 +851,18 @@ fn kept_float_lines(plan: &Plan) -> Vec<String> {
 /// A Hub repo id rather than a local directory.
 fn is_hub_path(p: &std::path::Path) -> bool {
     p.to_str().is_some_and(hub::is_repo_id)
+}
+
+/// The command line, with the program named by its file name (where it is installed is not part of
+/// what it did).
+fn argv() -> Vec<String> {
+    let mut v: Vec<String> = std::env::args().collect();
+    if let Some(first) = v.first_mut() {
+        if let Some(name) = std::path::Path::new(first.as_str()).file_name() {
+            *first = name.to_string_lossy().into_owned();
+        }
+    }
+    v
 }
 
 /// The command as typed, for the model card, with the token's value replaced.

@@ -98,6 +98,9 @@ pub enum Error {
     #[error("{0}")]
     Plan(String),
 
+    #[error("config.json does not describe these weights ({count} disagreement(s), found before reading any tensor data):\n{list}\nUse the config.json that belongs to these weights (re-download the checkpoint), or correct the key named above; nothing was written")]
+    ShapeMismatch { count: usize, list: String },
+
     #[error("{0} already exists; pass --force to replace it, or choose another --mlx-path")]
     OutputExists(PathBuf),
 

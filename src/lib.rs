@@ -4,9 +4,10 @@
 //! [`source`] (find and validate the checkpoint) -> [`recipe`] (the architecture's mapping rules, data
 //! files in `recipes/`) -> [`plan`] (every output tensor decided before heavy work) -> [`pipeline`]
 //! (rayon: read, transform, [`quant`]ize, write through [`shard`]) -> output directory with
-//! [`config`] rewritten. [`dtype`] and [`error`] are shared leaves; [`cli`] is the command line.
-//! [`hub`] fetches a source from the Hugging Face Hub (feeding shards to the pipeline as they
-//! arrive) and uploads the output.
+//! [`config`] rewritten and a [`provenance`] file. [`shapes`] holds the recipes' shape rules the plan
+//! checks against config.json. [`dtype`] and [`error`] are shared leaves; [`cli`] is the command line;
+//! [`check`] validates any MLX directory. [`hub`] fetches a source from the Hugging Face Hub (feeding
+//! shards to the pipeline as they arrive) and uploads the output.
 
 pub mod check;
 pub mod cli;
@@ -19,9 +20,11 @@ pub mod hub;
 pub mod mlx;
 pub mod pipeline;
 pub mod plan;
+pub mod provenance;
 pub mod quant;
 pub mod quant_rules;
 pub mod recipe;
+pub mod shapes;
 pub mod shard;
 pub mod source;
 #[cfg(feature = "mlx")]

@@ -7,12 +7,14 @@ use crate::config::{output_config, to_pretty_json, write_json};
 use crate::dtype::{cast_into, DType};
 use crate::error::{Error, Result};
 use crate::plan::{Plan, Role, TensorPlan};
+use crate::provenance::{self, FileDigest, Provenance, SourceId};
 use crate::quant;
 use crate::shard::ShardWriter;
 use crate::source::Source;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -43,6 +45,13 @@ pub struct OutputSpec<'a> {
     pub model_ref: Option<&'a str>,
     /// Progress bars to join (a download running beside the conversion draws its bars there too).
     pub progress: Option<MultiProgress>,
+    /// The effective settings, recorded in provenance.json.
+    pub settings: Value,
+    /// The command line (secrets redacted), recorded in provenance.json.
+    pub argv: Vec<String>,
+    /// Hash the input files for provenance.json (`--no-input-hash` turns it off; Hugging Face cache
+    /// blobs are named by their hash and cost nothing either way).
+    pub hash_inputs: bool,
 }
 
 /// What a run produced.
@@ -132,7 +141,54 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
         committed: false,
     };
 
-    let bytes_written = write_shards(source, plan, &staging_dir, spec)?;
+    let remote_code = if spec.copy_remote_code {
+        source.remote_code()?
+    } else {
+        Vec::new()
+    };
+    // The input files' hashes are computed beside the conversion (rayon steals the hashing task as
+    // soon as a worker is free); either side failing stops the other early.
+    let failed = AtomicBool::new(false);
+    let stop = || spec.cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
+    let input_files: Vec<PathBuf> = source
+        .input_files
+        .iter()
+        .chain(&remote_code)
+        .cloned()
+        .collect();
+    let convert = || {
+        let r = write_shards(source, plan, &staging_dir, spec);
+        if r.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        r
+    };
+    let digest = || {
+        let r = provenance::digest_inputs(
+            &source.dir,
+            &input_files,
+            source.repo_id().is_some(),
+            spec.hash_inputs,
+            &stop,
+        );
+        if r.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        r
+    };
+    // A source still downloading has its shards only once the conversion has waited for them.
+    let (written, inputs) = if source.is_streaming() {
+        let w = convert();
+        (w, digest())
+    } else {
+        rayon::join(convert, digest)
+    };
+    // The conversion's own error explains more than the hashing that it cut short.
+    let WrittenShards {
+        bytes: bytes_written,
+        digests: shard_digests,
+    } = written?;
+    let inputs = inputs?;
     let mut files: Vec<String> = plan.shards.iter().map(|s| s.file_name.clone()).collect();
 
     // Index: always written, weight_map sorted (serde_json maps are ordered).
@@ -156,11 +212,6 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
     write_json(&staging_dir.join("config.json"), &config)?;
     files.push("config.json".into());
 
-    let remote_code = if spec.copy_remote_code {
-        source.remote_code()?
-    } else {
-        Vec::new()
-    };
     for p in source.sidecars.iter().chain(&remote_code) {
         let name = p.file_name().expect("sidecar has a name");
         let dest = staging_dir.join(name);
@@ -172,6 +223,25 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
     let card_path = staging_dir.join("README.md");
     std::fs::write(&card_path, card).map_err(|e| Error::write(&card_path, e))?;
     files.push("README.md".into());
+
+    // Provenance last: it lists every other file, hashed while their pages are still cached.
+    let outputs = provenance::digest_outputs(&staging_dir, shard_digests, &stop)?;
+    let record = Provenance {
+        format: provenance::FORMAT.into(),
+        tool: provenance::tool(),
+        source: SourceId {
+            path: source.dir.to_string_lossy().into_owned(),
+            repo_id: source.repo_id(),
+            revision: source.revision(),
+        },
+        inputs,
+        settings: spec.settings.clone(),
+        argv: spec.argv.clone(),
+        outputs,
+    };
+    let record_path = staging_dir.join(provenance::FILE);
+    std::fs::write(&record_path, record.to_bytes()).map_err(|e| Error::write(&record_path, e))?;
+    files.push(provenance::FILE.into());
 
     if spec.cancel.load(Ordering::SeqCst) {
         return Err(Error::Interrupted);
@@ -249,7 +319,18 @@ fn jobs_for(plan: &Plan) -> Vec<Job> {
     jobs
 }
 
-fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> Result<usize> {
+/// Shard files written: their total size and each one's digest (for provenance.json).
+struct WrittenShards {
+    bytes: usize,
+    digests: BTreeMap<String, FileDigest>,
+}
+
+fn write_shards(
+    source: &Source,
+    plan: &Plan,
+    dir: &Path,
+    spec: &OutputSpec,
+) -> Result<WrittenShards> {
     let writers: Vec<ShardWriter> = plan
         .shards
         .iter()
@@ -317,12 +398,35 @@ fn write_shards(source: &Source, plan: &Plan, dir: &Path, spec: &OutputSpec) -> 
     }
     bar.finish_and_clear();
     tensor_bar.finish_and_clear();
-    let mut written = 0;
-    for (w, s) in writers.into_iter().zip(&plan.shards) {
-        written += s.header.file_len;
-        w.finish()?;
-    }
-    Ok(written)
+    let bytes = plan.shards.iter().map(|s| s.header.file_len).sum();
+    // Hash each shard while the kernel writes it back: the fsyncs wait on the disk in their own
+    // threads (costing no CPU), the hashing reads the pages just written, still in the page cache.
+    let stop = || spec.cancel.load(Ordering::Relaxed);
+    let (synced, digests) = std::thread::scope(|scope| {
+        let syncs: Vec<_> = writers
+            .into_iter()
+            .map(|w| scope.spawn(move || w.finish()))
+            .collect();
+        let digests = plan
+            .shards
+            .par_iter()
+            .map(|s| {
+                let d = provenance::sha256_file(&dir.join(&s.file_name), &stop)?;
+                Ok((s.file_name.clone(), d))
+            })
+            .collect::<Result<BTreeMap<_, _>>>();
+        let synced = syncs
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect::<Result<Vec<()>>>();
+        (synced, digests)
+    });
+    // A failed write-back (disk full, I/O error) explains more than a hash cut short by it.
+    synced?;
+    Ok(WrittenShards {
+        bytes,
+        digests: digests?,
+    })
 }
 
 /// Runs one batch of jobs on the rayon pool.

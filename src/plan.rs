@@ -431,6 +431,14 @@ impl Plan {
             tp.outputs = outputs_for(&tp, false);
             tensors.push(tp);
         }
+        // Shapes against config.json, in MLX names and MLX layout: a config that does not describe
+        // these weights fails here, before any tensor byte is read.
+        let described: Vec<(&str, &str, Vec<usize>)> = tensors
+            .iter()
+            .map(|t| (t.source.as_str(), t.name.as_str(), t.out_shape()))
+            .collect();
+        recipe.shapes.check(&described, config)?;
+
         // The aliased head mirrors the embedding's quantization, or is not written at all.
         if let (Some(head), Some(h)) = (&alias_head, &recipe.head) {
             let embed_quant = tensors

@@ -8,8 +8,10 @@
 use crate::error::{Error, Result};
 use crate::quant::QuantSpec;
 use crate::quant_rules::{Override, OverrideEntry};
+use crate::shapes::{ShapeGroupFile, ShapeRules};
 use regex::Regex;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use std::path::Path;
 
 include!(concat!(env!("OUT_DIR"), "/embedded_recipes.rs"));
@@ -160,8 +162,12 @@ pub struct Recipe {
     pub head: Option<HeadRule>,
     pub quantize: QuantPolicy,
     pub config: ConfigRules,
+    /// Expected tensor shapes in terms of config.json, checked at plan time.
+    pub shapes: ShapeRules,
     /// Where the recipe came from: `builtin:NAME` or a file path.
     pub origin: String,
+    /// sha256 of the recipe's text (hex), for provenance.
+    pub sha256: String,
 }
 
 // ---- file format -------------------------------------------------------------------------------
@@ -182,6 +188,8 @@ struct RecipeFile {
     quantize: QuantFile,
     #[serde(default)]
     config: ConfigRules,
+    #[serde(default)]
+    shapes: Vec<ShapeGroupFile>,
 }
 
 #[derive(Deserialize)]
@@ -329,6 +337,7 @@ impl Recipe {
             o.to_override(probe, true, "recipe")
                 .map_err(|e| err(format!("quantize.override: {e}")))?;
         }
+        let shapes = ShapeRules::from_file(&f.shapes, |what, p| anchored(origin, what, p), err)?;
         Ok(Recipe {
             name: f.name,
             description: f.description,
@@ -339,7 +348,9 @@ impl Recipe {
             head,
             quantize,
             config: f.config,
+            shapes,
             origin: origin.to_string(),
+            sha256: crate::provenance::hex(&Sha256::digest(text.as_bytes())),
         })
     }
 

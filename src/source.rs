@@ -425,6 +425,13 @@ impl Source {
     pub fn repo_id(&self) -> Option<String> {
         cache_repo_id(&self.canonical_dir)
     }
+
+    /// The commit a Hugging Face cache snapshot was taken at: the snapshot directory's name.
+    pub fn revision(&self) -> Option<String> {
+        cache_repo_id(&self.canonical_dir)?;
+        let rev = self.canonical_dir.file_name()?.to_str()?;
+        Some(rev.to_string())
+    }
 }
 
 /// For `.../models--org--name/snapshots/<rev>` returns `org/name`.

@@ -202,7 +202,7 @@ fn output_inside_input_is_refused() {
     let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out), "--quiet"]);
     assert_eq!(code, 5, "{stderr}");
     assert!(stderr.contains("inside the input"), "{stderr}");
-    assert!(!out.exists());
+    assert_no_output(&src, &out);
 }
 
 #[test]
@@ -507,6 +507,7 @@ fn hugging_face_cache_snapshots_work_and_foreign_symlinks_do_not() {
     let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out)]);
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("outside the model directory"), "{stderr}");
+    assert_no_output(t.path(), &out);
 }
 
 #[test]
@@ -800,6 +801,10 @@ fn output_is_deterministic_across_runs_and_thread_counts() {
         ))
     };
     let files = listing(&outs[0]);
+    // provenance.json is part of the output and must be byte-identical too: no clock, no thread count.
+    assert!(files.iter().any(|f| f == "provenance.json"), "{files:?}");
+    let p = read_json(&outs[0].join("provenance.json"));
+    assert_eq!(p["outputs"].as_object().unwrap().len(), files.len() - 1);
     for o in &outs[1..] {
         assert_eq!(listing(o), files);
         for f in &files {
@@ -925,6 +930,18 @@ fn an_unwritable_output_location_is_a_write_error() {
         stderr.contains("cannot write") && stderr.contains("a_file"),
         "{stderr}"
     );
+    assert_eq!(listing(t.path()), ["a_file"], "nothing else was created");
+    // Once the location is writable, the same command succeeds.
+    std::fs::remove_file(&blocker).unwrap();
+    let (code, _, stderr) = run(&[
+        "--hf-path",
+        s(&fixture(FIX)),
+        "--mlx-path",
+        s(&out),
+        "--quiet",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.join("provenance.json").is_file());
 }
 
 #[test]
@@ -939,4 +956,84 @@ fn an_index_listing_no_tensors_is_refused() {
     assert_eq!(code, 3, "{stderr}");
     assert!(stderr.contains("no weights found"), "{stderr}");
     assert_no_output(t.path(), &out);
+}
+
+/// A safetensors file: the header's length, the header, `data` zero bytes.
+fn safetensors_bytes(header: &[u8], data: usize) -> Vec<u8> {
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header);
+    b.resize(b.len() + data, 0);
+    b
+}
+
+#[test]
+fn hostile_shard_headers_are_named_at_the_command_line() {
+    // The safetensors parser meets far more of these in tests/fuzz_regressions.rs; here each kind the
+    // issue lists goes through the binary: exit 3, the file (and tensor) named, nothing written.
+    let t = tmp();
+    let out = t.path().join("out");
+    let w = "model.embed_tokens.weight";
+    let entry = |dtype: &str, shape: &str, offsets: &str| {
+        format!(r#""{w}":{{"dtype":"{dtype}","shape":{shape},"data_offsets":{offsets}}}"#)
+    };
+    let mut over_limit = (vlm_convert::shard::MAX_HEADER_BYTES + 1)
+        .to_le_bytes()
+        .to_vec();
+    over_limit.extend_from_slice(b"{}");
+    let cases: Vec<(&str, Vec<u8>, Vec<&str>)> = vec![
+        (
+            "header not JSON",
+            safetensors_bytes(b"{\"a\": nope", 0),
+            vec!["not valid JSON"],
+        ),
+        (
+            "header over the 100 MB limit",
+            over_limit,
+            vec!["exceeds", "limit"],
+        ),
+        (
+            "offsets past the end",
+            safetensors_bytes(format!("{{{}}}", entry("BF16", "[4]", "[0,8]")).as_bytes(), 4),
+            vec![w, "data bytes"],
+        ),
+        (
+            "overlapping tensors",
+            safetensors_bytes(
+                format!(
+                    r#"{{{},"model.norm.weight":{{"dtype":"BF16","shape":[2],"data_offsets":[2,6]}}}}"#,
+                    entry("BF16", "[2]", "[0,4]")
+                )
+                .as_bytes(),
+                6,
+            ),
+            vec![w, "model.norm.weight", "overlap"],
+        ),
+        (
+            "offsets disagreeing with dtype x shape",
+            safetensors_bytes(format!("{{{}}}", entry("F32", "[2,2]", "[0,8]")).as_bytes(), 8),
+            vec![w, "needs 16 bytes", "span 8"],
+        ),
+        (
+            "unknown dtype",
+            safetensors_bytes(format!("{{{}}}", entry("Q4_K", "[2]", "[0,2]")).as_bytes(), 2),
+            vec![w, "unknown dtype `Q4_K`"],
+        ),
+    ];
+    for (why, bytes, needles) in cases {
+        let src = t.path().join("src");
+        let _ = std::fs::remove_dir_all(&src);
+        copy_dir(&fixture(FIX), &src);
+        std::fs::write(src.join("model.safetensors"), bytes).unwrap();
+        let (code, _, stderr) = run(&["--hf-path", s(&src), "--mlx-path", s(&out), "-q"]);
+        assert_eq!(code, 3, "{why}: {stderr}");
+        assert!(
+            stderr.contains("model.safetensors") && stderr.contains("invalid safetensors"),
+            "{why}: {stderr}"
+        );
+        for n in needles {
+            assert!(stderr.contains(n), "{why}: `{n}` not in {stderr}");
+        }
+        assert!(!stderr.contains("panicked"), "{why}: {stderr}");
+        assert_no_output(t.path(), &out);
+    }
 }

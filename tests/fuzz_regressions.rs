@@ -299,6 +299,38 @@ fn hostile_recipes() {
         .map(|i| ['[', '{', '"', '\'', '='][i % 5])
         .collect();
     recipe_quick(&junk, false, "1 MB of brackets and quotes");
+    // Shape rules: expressions that overflow, divide by zero or refer to themselves evaluate to
+    // "not checked" (the entry point runs them against an awkward config); malformed ones are refused.
+    let shapes = |group: &str| {
+        format!("{RECIPE_HEAD}[quantize]\nmodules = []\n[[shapes]]\nsections = ['text_config', '']\n{group}\n")
+    };
+    for (group, ok, why) in [
+        ("tensors = [{ tensor = '.*', dims = ['18446744073709551615 * 18446744073709551615'] }]", true, "an overflowing product"),
+        ("tensors = [{ tensor = '.*', dims = ['hidden_size / num_attention_heads', '0 - 1'] }]", true, "a zero divisor and a negative"),
+        ("defaults = { head_dim = 'head_dim + 1', a = 'b', b = 'a' }\ntensors = [{ tensor = '.*', dims = ['head_dim', 'a'] }]", true, "self-referential defaults"),
+        ("layers = { tensor = '(.*)', count = 'vocab_size' }", true, "a layer count near u64::MAX"),
+        ("layers = { tensor = '.*', count = 'n' }", false, "a layer pattern without a group"),
+        ("tensors = [{ tensor = '.*', dims = [] }]", false, "no dims"),
+        ("tensors = [{ tensor = '.*', dims = [true] }]", false, "a boolean dim"),
+        ("tensors = [{ tensor = '.*', dims = [-3] }]", false, "a negative literal"),
+        ("tensors = [{ tensor = '.*', dims = ['a +'] }]", false, "a dangling operator"),
+        ("tensors = [{ tensor = '(', dims = ['a'] }]", false, "a bad regex"),
+    ] {
+        recipe_quick(&shapes(group), ok, why);
+    }
+    let deep = format!("{}a{}", "(".repeat(5_000), ")".repeat(5_000));
+    recipe_quick(
+        &shapes(&format!(
+            "tensors = [{{ tensor = '.*', dims = ['{deep}'] }}]"
+        )),
+        false,
+        "5k nested parentheses",
+    );
+    recipe_quick(
+        &format!("{RECIPE_HEAD}[quantize]\nmodules = []\n[[shapes]]\nsections = []\n"),
+        false,
+        "a group reading no config section",
+    );
 }
 
 // ---- index --------------------------------------------------------------------------------------

@@ -36,6 +36,10 @@ fn big_checkpoint(dst: &std::path::Path) {
     let meta = f.metadata.clone();
     drop(f);
     write_safetensors(&p, &meta, &items);
+    // config.json must describe the bigger embedding, or the plan-time shape check refuses it.
+    let mut cfg = read_json(&dst.join("config.json"));
+    cfg["vocab_size"] = rows.into();
+    std::fs::write(dst.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
 }
 
 fn interrupt_with(sig: i32) {
