@@ -1,8 +1,9 @@
 //! Our output against `python -m mlx_vlm convert`'s, tensor by tensor (name, dtype, shape, sha256 of the
 //! bytes), for every fixture architecture and every flag set the goldens recorded: the checkpoint dtype,
 //! --dtype float32/float16, -q with every bits x group size, --q-mode mxfp4/nvfp4/mxfp8 and
-//! --quant-predicate with each of the seven mixed_* recipes (tensors and config.json `quantization` key by key). The goldens were made by
-//! fixtures/make_golden.py with mlx-vlm 0.7.10 / mlx 0.32.4 on the CPU.
+//! --quant-predicate with each of the seven mixed_* recipes (tensors and config.json `quantization`
+//! key by key). The goldens were made by fixtures/make_golden.py with mlx-vlm 0.7.10 / mlx 0.32.4 on
+//! the CPU.
 
 #[macro_use]
 mod common;
