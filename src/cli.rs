@@ -707,7 +707,38 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         // Every shard was converted, so the downloader has finished; a panic there is a bug.
         let _ = t.join();
     }
+    // Verify before anything is uploaded: a conversion that fails is never published.
+    #[cfg(feature = "mlx")]
+    let verified = if a.verify {
+        let r = run_verify(
+            crate::verify::VerifyOptions {
+                mlx_path: out.clone(),
+                // The local copy (a Hub source is a snapshot in the cache by now).
+                against: Some(source.dir.clone()),
+                recipe: Some(recipe.clone()),
+                progress: !quiet,
+                ..Default::default()
+            },
+            &a.thresholds,
+        )?;
+        Some(r)
+    } else {
+        None
+    };
+    #[cfg(feature = "mlx")]
+    let verify_failed = verified.as_ref().is_some_and(|r| !r.passed);
+    #[cfg(not(feature = "mlx"))]
+    let verify_failed = {
+        if a.verify {
+            return Err(no_mlx());
+        }
+        false
+    };
     let uploaded = match (&a.upload_repo, &hub_client) {
+        (Some(repo), Some(_)) if verify_failed => {
+            eprintln!("not uploaded to {repo}: verification failed");
+            None
+        }
         (Some(repo), Some(h)) => {
             let url = h.upload_folder(
                 repo,
@@ -726,27 +757,6 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         _ => None,
     };
     let secs = started.elapsed().as_secs_f64();
-
-    #[cfg(feature = "mlx")]
-    let verified = if a.verify {
-        let r = run_verify(
-            crate::verify::VerifyOptions {
-                mlx_path: out.clone(),
-                against: Some(hf_path.clone()),
-                recipe: Some(recipe.clone()),
-                progress: !(a.quiet || a.json),
-                ..Default::default()
-            },
-            &a.thresholds,
-        )?;
-        Some(r)
-    } else {
-        None
-    };
-    #[cfg(not(feature = "mlx"))]
-    if a.verify {
-        return Err(no_mlx());
-    }
     let bpw = plan.bits_per_weight();
     if a.json {
         let v = json!({

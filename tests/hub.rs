@@ -1351,3 +1351,46 @@ fn upload_commits_exactly_the_output() {
         "converted although the upload could not happen"
     );
 }
+
+/// `--verify` on a Hub source checks against the downloaded snapshot, and runs before the upload:
+/// a conversion that fails verification is never published.
+#[cfg(feature = "mlx")]
+#[test]
+fn verify_runs_on_the_downloaded_source_before_any_upload() {
+    let srv = Server::start();
+    let env = Env::new();
+    srv.add_repo("test-org/tiny-qwen", &[&fixture(FIX)], false);
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "--hf-path",
+            "test-org/tiny-qwen",
+            "--mlx-path",
+            s(out),
+            "-q",
+            "--json",
+            "--verify",
+            "--new-tokens",
+            "2",
+            "--upload-repo",
+            "test-org/tiny-qwen-4bit",
+        ];
+        args.extend_from_slice(extra);
+        env.run(&srv.url, true, &[], &args)
+    };
+    // An impossible top-1 threshold: verification fails, nothing is uploaded, exit 1.
+    let (code, stdout, stderr) = run(&env.dir.join("fail"), &["--min-top1", "1.5"]);
+    assert_eq!(code, 1, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["verify"]["passed"], false);
+    assert_eq!(v["verify"]["structure"]["passed"], true, "{v}");
+    assert!(v["uploaded"].is_null(), "{v}");
+    assert!(stderr.contains("not uploaded"), "{stderr}");
+    assert!(srv.st().uploads.committed.is_empty());
+    // Default thresholds: it passes against the snapshot, then uploads.
+    let (code, stdout, stderr) = run(&env.dir.join("ok"), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["verify"]["passed"], true, "{v}");
+    assert!(v["uploaded"].is_string(), "{v}");
+    assert!(!srv.st().uploads.committed.is_empty());
+}
