@@ -623,12 +623,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
                 shape: u.shape.clone(),
                 packed: Some(u.packed.clone()),
             },
-            None => SourceDesc {
-                name: name.clone(),
-                dtype: t.info.dtype,
-                shape: t.info.shape.clone(),
-                packed: None,
-            },
+            None => SourceDesc::stored(name, t),
         })
         .collect();
     let opts = PlanOptions {

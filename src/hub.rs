@@ -797,25 +797,9 @@ fn link_snapshot(repo_dir: &Path, commit: &str, path: &str, etag: &str) -> Resul
     std::os::unix::fs::symlink(&target, &link).map_err(|e| Error::write(&link, e))
 }
 
+/// The shard files an index names (the same validation as a local source's index).
 fn read_weight_map(path: &Path) -> Result<BTreeSet<String>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::read(path, e))?;
-    let invalid = |msg: String| Error::Index {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let v: Value =
-        serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| invalid("no `weight_map` object".into()))?;
-    map.values()
-        .map(|f| {
-            f.as_str()
-                .map(str::to_string)
-                .ok_or_else(|| invalid("a weight_map entry is not a file name".into()))
-        })
-        .collect()
+    Ok(crate::source::read_index(path)?.into_values().collect())
 }
 
 impl Download {

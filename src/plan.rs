@@ -28,6 +28,18 @@ pub struct SourceDesc {
     pub packed: Option<Packed>,
 }
 
+impl SourceDesc {
+    /// A tensor as stored in the source (not packed).
+    pub fn stored(name: &str, t: &crate::source::SourceTensor) -> SourceDesc {
+        SourceDesc {
+            name: name.to_string(),
+            dtype: t.info.dtype,
+            shape: t.info.shape.clone(),
+            packed: None,
+        }
+    }
+}
+
 /// Conversion settings that shape the plan.
 #[derive(Debug, Clone)]
 pub struct PlanOptions {

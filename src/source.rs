@@ -525,7 +525,7 @@ fn read_config(path: &Path) -> Result<Value> {
     }
 }
 
-fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
+pub(crate) fn read_index(path: &Path) -> Result<BTreeMap<String, String>> {
     let bytes = std::fs::read(path).map_err(|e| Error::read(path, e))?;
     let invalid = |msg: String| Error::Index {
         path: path.to_path_buf(),

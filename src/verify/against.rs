@@ -139,12 +139,7 @@ impl SourceModel {
         let descs: Vec<SourceDesc> = source
             .tensors
             .iter()
-            .map(|(name, t)| SourceDesc {
-                name: name.clone(),
-                dtype: t.info.dtype,
-                shape: t.info.shape.clone(),
-                packed: None,
-            })
+            .map(|(name, t)| SourceDesc::stored(name, t))
             .collect();
         let opts = PlanOptions {
             dtype: None,
