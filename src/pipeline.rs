@@ -442,8 +442,8 @@ fn convert_batch(
     tensor_bar: &ProgressBar,
 ) -> Result<()> {
     jobs.par_iter().try_for_each_init(
-        || (Vec::new(), Vec::new(), Vec::new()),
-        |(cast_buf, perm_buf, deq_buf), job| -> Result<()> {
+        || (Vec::new(), Vec::new(), Vec::new(), QuantBufs::default()),
+        |(cast_buf, perm_buf, deq_buf, qbufs), job| -> Result<()> {
             if spec.cancel.load(Ordering::Relaxed) {
                 return Err(Error::Interrupted);
             }
@@ -469,31 +469,44 @@ fn convert_batch(
             } else {
                 src
             };
-            // Checked after the cast: an f32 weight can overflow to inf in f16.
-            if !spec.allow_nonfinite {
-                if let Some(i) = crate::dtype::first_nonfinite(data, t.dtype) {
-                    let elem = job.rows.start * k + i;
-                    let v = crate::dtype::read_f32(data, t.dtype, i);
-                    return Err(Error::NonFinite {
-                        tensor: t.source.clone(),
-                        file: source.shard_path(st).to_path_buf(),
-                        index: elem,
-                        what: if v.is_nan() { "NaN" } else { "infinity" },
-                        cast: if t.dtype != t.source_dtype && crate::dtype::first_nonfinite(src, t.source_dtype).is_none() {
-                            format!(" after casting {} to {} (out of range: try --dtype float32 or bfloat16)", t.source_dtype, t.dtype)
-                        } else {
-                            String::new()
-                        },
-                    });
+            // Checked after the cast: an f32 weight can overflow to inf in f16. The quantizer checks
+            // as it goes (one pass over the data instead of two); a plain copy is scanned here.
+            let nonfinite = |data: &[u8]| -> Error {
+                let i = crate::dtype::first_nonfinite(data, t.dtype).unwrap_or(0);
+                let v = crate::dtype::read_f32(data, t.dtype, i);
+                Error::NonFinite {
+                    tensor: t.source.clone(),
+                    file: source.shard_path(st).to_path_buf(),
+                    index: job.rows.start * k + i,
+                    what: if v.is_nan() { "NaN" } else { "infinity" },
+                    cast: if t.dtype != t.source_dtype
+                        && crate::dtype::first_nonfinite(src, t.source_dtype).is_none()
+                    {
+                        format!(
+                            " after casting {} to {} (out of range: try --dtype float32 or bfloat16)",
+                            t.source_dtype, t.dtype
+                        )
+                    } else {
+                        String::new()
+                    },
                 }
-            }
+            };
             match t.quant {
                 None => {
+                    if !spec.allow_nonfinite && crate::dtype::first_nonfinite(data, t.dtype).is_some() {
+                        return Err(nonfinite(data));
+                    }
                     let o = &t.outputs[0];
                     let off = o.offset + job.rows.start * k * t.dtype.size();
                     writers[o.shard].write_at(off, data)?;
                 }
-                Some(q) => quantize_rows(t, job, data, q, writers)?,
+                Some(q) => {
+                    let finite = quantize_rows(t, job, data, q, qbufs)?;
+                    if !finite && !spec.allow_nonfinite {
+                        return Err(nonfinite(data));
+                    }
+                    write_quantized(t, job, q, qbufs, writers)?;
+                }
             }
             let (start, len) = if t.layout.is_some() {
                 (0, all.len())
@@ -550,29 +563,57 @@ fn dequantize_rows(
     })
 }
 
+/// Per-worker output buffers of the quantizer, reused from job to job (fresh zeroed allocations of
+/// a few MB each would cost a page fault per 4 KiB).
+#[derive(Default)]
+struct QuantBufs {
+    w: Vec<u8>,
+    s: Vec<u8>,
+    b: Vec<u8>,
+}
+
+/// Quantizes the rows of `job` into `bufs`; returns whether every element was finite.
 fn quantize_rows(
     t: &TensorPlan,
     job: &Job,
     data: &[u8],
     q: quant::QuantSpec,
-    writers: &[ShardWriter],
-) -> Result<()> {
+    bufs: &mut QuantBufs,
+) -> Result<bool> {
     let k = t.row_len();
-    let rows = job.rows.len();
-    let (wn, sn, bn) = quant::quantized_sizes(rows, k, q, t.dtype);
-    let mut w = vec![0u8; wn];
-    let mut s = vec![0u8; sn];
-    let mut b = vec![0u8; bn];
-    quant::quantize(data, t.dtype, k, q, &mut w, &mut s, &mut b).map_err(|e| Error::Quant {
+    let (wn, sn, bn) = quant::quantized_sizes(job.rows.len(), k, q, t.dtype);
+    // Every byte is overwritten by the quantizer, so stale contents never leak.
+    bufs.w.resize(wn, 0);
+    bufs.s.resize(sn, 0);
+    bufs.b.resize(bn, 0);
+    quant::quantize_finite(
+        data,
+        t.dtype,
+        k,
+        q,
+        &mut bufs.w[..wn],
+        &mut bufs.s[..sn],
+        &mut bufs.b[..bn],
+    )
+    .map_err(|e| Error::Quant {
         tensor: t.source.clone(),
         source: e,
-    })?;
-    let (w1, s1, b1) = quant::quantized_sizes(1, k, q, t.dtype);
+    })
+}
+
+fn write_quantized(
+    t: &TensorPlan,
+    job: &Job,
+    q: quant::QuantSpec,
+    bufs: &QuantBufs,
+    writers: &[ShardWriter],
+) -> Result<()> {
+    let (w1, s1, b1) = quant::quantized_sizes(1, t.row_len(), q, t.dtype);
     for o in &t.outputs {
         let (bytes, per_row) = match o.role {
-            Role::Weight => (&w, w1),
-            Role::Scales => (&s, s1),
-            Role::Biases => (&b, b1),
+            Role::Weight => (&bufs.w, w1),
+            Role::Scales => (&bufs.s, s1),
+            Role::Biases => (&bufs.b, b1),
             Role::Tensor => unreachable!("quantized plans have no plain output"),
         };
         writers[o.shard].write_at(o.offset + job.rows.start * per_row, bytes)?;

@@ -33,12 +33,17 @@
 //! The floating-point modes (`mxfp4`, `nvfp4`, `mxfp8`: no biases, `U8` scales) live in [`fp`]; the
 //! entry points here dispatch on [`QuantSpec::mode`], so the affine path pays one branch per call.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 mod fp;
+pub mod isa;
 
 use crate::dtype::DType;
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
+use isa::Isa;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Errors from [`QuantSpec::new`], [`quantize`] and [`dequantize`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -286,6 +291,56 @@ pub fn quantize(
     scales_out: &mut [u8],
     biases_out: &mut [u8],
 ) -> Result<(), QuantError> {
+    quantize_isa(
+        Isa::active(),
+        src,
+        dtype,
+        k,
+        spec,
+        weight_out,
+        scales_out,
+        biases_out,
+    )
+    .map(|_| ())
+}
+
+/// [`quantize`], also telling whether every element was finite (`false`: some NaN or infinity).
+/// The check rides along the quantizer's own pass over the data, so it costs next to nothing; the
+/// output for non-finite input is still MLX's (see the module notes).
+pub fn quantize_finite(
+    src: &[u8],
+    dtype: DType,
+    k: usize,
+    spec: QuantSpec,
+    weight_out: &mut [u8],
+    scales_out: &mut [u8],
+    biases_out: &mut [u8],
+) -> Result<bool, QuantError> {
+    quantize_isa(
+        Isa::active(),
+        src,
+        dtype,
+        k,
+        spec,
+        weight_out,
+        scales_out,
+        biases_out,
+    )
+}
+
+/// [`quantize_finite`] with the inner loops compiled for `isa` (tests and benchmarks compare every
+/// level).
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_isa(
+    isa: Isa,
+    src: &[u8],
+    dtype: DType,
+    k: usize,
+    spec: QuantSpec,
+    weight_out: &mut [u8],
+    scales_out: &mut [u8],
+    biases_out: &mut [u8],
+) -> Result<bool, QuantError> {
     check_float(dtype)?;
     spec.check_k(k)?;
     let row_bytes = k
@@ -307,45 +362,57 @@ pub fn quantize(
     check_len("scales", sb, scales_out.len())?;
     check_len("biases", bb, biases_out.len())?;
     if rows == 0 {
-        return Ok(());
+        return Ok(true);
     }
     if spec.mode != QuantMode::Affine {
         fp::quantize(src, dtype, k, spec, weight_out, scales_out);
-        return Ok(());
+        return Ok(crate::dtype::first_nonfinite(src, dtype).is_none());
     }
+    let finite = AtomicBool::new(true);
+    let f = &finite;
     match dtype {
-        DType::F32 => quantize_bits::<F32>(src, k, spec, weight_out, scales_out, biases_out),
-        DType::F16 => quantize_bits::<F16>(src, k, spec, weight_out, scales_out, biases_out),
-        _ => quantize_bits::<BF16>(src, k, spec, weight_out, scales_out, biases_out),
+        DType::F32 => {
+            quantize_bits::<F32>(isa, src, k, spec, weight_out, scales_out, biases_out, f)
+        }
+        DType::F16 => {
+            quantize_bits::<F16>(isa, src, k, spec, weight_out, scales_out, biases_out, f)
+        }
+        _ => quantize_bits::<BF16>(isa, src, k, spec, weight_out, scales_out, biases_out, f),
     }
-    Ok(())
+    Ok(finite.into_inner())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn quantize_bits<E: Float>(
+    isa: Isa,
     src: &[u8],
     k: usize,
     spec: QuantSpec,
     w: &mut [u8],
     s: &mut [u8],
     b: &mut [u8],
+    finite: &AtomicBool,
 ) {
     match spec.bits {
-        2 => quantize_par::<E, 2>(src, k, spec.group_size, w, s, b),
-        3 => quantize_par::<E, 3>(src, k, spec.group_size, w, s, b),
-        4 => quantize_par::<E, 4>(src, k, spec.group_size, w, s, b),
-        5 => quantize_par::<E, 5>(src, k, spec.group_size, w, s, b),
-        6 => quantize_par::<E, 6>(src, k, spec.group_size, w, s, b),
-        _ => quantize_par::<E, 8>(src, k, spec.group_size, w, s, b),
+        2 => quantize_par::<E, 2>(isa, src, k, spec.group_size, w, s, b, finite),
+        3 => quantize_par::<E, 3>(isa, src, k, spec.group_size, w, s, b, finite),
+        4 => quantize_par::<E, 4>(isa, src, k, spec.group_size, w, s, b, finite),
+        5 => quantize_par::<E, 5>(isa, src, k, spec.group_size, w, s, b, finite),
+        6 => quantize_par::<E, 6>(isa, src, k, spec.group_size, w, s, b, finite),
+        _ => quantize_par::<E, 8>(isa, src, k, spec.group_size, w, s, b, finite),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn quantize_par<E: Float, const B: u32>(
+    isa: Isa,
     src: &[u8],
     k: usize,
     group: usize,
     w: &mut [u8],
     s: &mut [u8],
     b: &mut [u8],
+    finite: &AtomicBool,
 ) {
     let rows = rows_per_task(k);
     let groups = rows * (k / group);
@@ -353,17 +420,32 @@ fn quantize_par<E: Float, const B: u32>(
         .zip(w.par_chunks_mut(groups * group * B as usize / 8))
         .zip(s.par_chunks_mut(groups * E::SIZE))
         .zip(b.par_chunks_mut(groups * E::SIZE))
-        .for_each(|(((src, w), s), b)| quantize_groups::<E, B>(src, group, w, s, b));
+        .for_each(|(((src, w), s), b)| {
+            #[cfg(target_arch = "x86_64")]
+            let ok = if isa == Isa::Avx512 && Isa::detected() == Isa::Avx512 {
+                // SAFETY: the CPU was detected to support AVX-512 F/BW/VL/DQ.
+                unsafe { avx512::quantize_groups::<E, B>(src, group, w, s, b) }
+            } else {
+                quantize_groups::<E, B>(src, group, w, s, b)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let ok = quantize_groups::<E, B>(src, group, w, s, b);
+            if !ok {
+                finite.store(false, Ordering::Relaxed);
+            }
+        });
 }
 
-/// Quantizes consecutive groups of `group` elements (rows are just concatenated groups).
+/// Quantizes consecutive groups of `group` elements (rows are just concatenated groups). Returns
+/// whether every element was finite.
 fn quantize_groups<E: Float, const B: u32>(
     src: &[u8],
     group: usize,
     w: &mut [u8],
     s: &mut [u8],
     b: &mut [u8],
-) {
+) -> bool {
+    let mut finite = true;
     let mut buf = [0f32; 128];
     let x = &mut buf[..group];
     let gbytes = group * B as usize / 8;
@@ -375,18 +457,21 @@ fn quantize_groups<E: Float, const B: u32>(
     {
         E::load(src, x);
         let (scale, bias) = quantize_group::<B>(x, w);
+        // A NaN element leaves no trace in hi/lo; an infinity makes the scale NaN.
+        finite &= scale.is_finite() & !x.iter().fold(false, |a, v| a | v.is_nan());
         E::store(scale, s);
         E::store(bias, b);
     }
+    finite
 }
 
-const EPS: f32 = 1e-7;
+pub(crate) const EPS: f32 = 1e-7;
 /// 2^23: adding it to a float in [0, 2^23) rounds to an integer (half to even) held in the low bits.
-const MAGIC: f32 = 8_388_608.0;
-const MAGIC_BITS: u32 = 0x4B00_0000;
+pub(crate) const MAGIC: f32 = 8_388_608.0;
+pub(crate) const MAGIC_BITS: u32 = 0x4B00_0000;
 
 /// `rint` (round half to even) in the default rounding mode, without a libm call.
-#[inline]
+#[inline(always)]
 fn rint(v: f32) -> f32 {
     let a = v.abs();
     if a < MAGIC {
@@ -397,28 +482,43 @@ fn rint(v: f32) -> f32 {
     }
 }
 
+/// Lanes of the inner loops: one AVX-512 vector of f32 (two AVX2 ones). Every group size (32, 64,
+/// 128) is a multiple, and the fixed-size chunks let LLVM keep each loop in vector registers.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn lanes(c: &[f32]) -> &[f32; LANES] {
+    c.try_into().unwrap_or(&[0.0; LANES])
+}
+
 /// The scale and bias of one group in f32, as MLX computes them.
-#[inline]
+#[inline(always)]
 fn group_params(x: &[f32], n: f32) -> (f32, f32) {
-    // Eight independent lanes so the scan vectorizes. (The lanes can pick a different signed zero
-    // than MLX's sequential scan; that never changes an output.)
-    let mut hi8 = [f32::NEG_INFINITY; 8];
-    let mut lo8 = [f32::INFINITY; 8];
-    for c in x.chunks_exact(8) {
-        let c: &[f32; 8] = c.try_into().unwrap_or(&[0.0; 8]);
-        for l in 0..8 {
+    // Independent lanes so the scan vectorizes. (The lanes can pick a different signed zero than
+    // MLX's sequential scan; that never changes an output.)
+    let mut hi16 = [f32::NEG_INFINITY; LANES];
+    let mut lo16 = [f32::INFINITY; LANES];
+    for c in x.chunks_exact(LANES) {
+        let c = lanes(c);
+        for l in 0..LANES {
             // The accumulators are never NaN, so `f32::max`/`min` skip NaN elements exactly like
             // `std::max(hi, v)`/`std::min(lo, v)` do.
-            hi8[l] = hi8[l].max(c[l]);
-            lo8[l] = lo8[l].min(c[l]);
+            hi16[l] = hi16[l].max(c[l]);
+            lo16[l] = lo16[l].min(c[l]);
         }
     }
     let mut hi = f32::NEG_INFINITY;
     let mut lo = f32::INFINITY;
-    for l in 0..8 {
-        hi = if hi < hi8[l] { hi8[l] } else { hi };
-        lo = if lo8[l] < lo { lo8[l] } else { lo };
+    for l in 0..LANES {
+        hi = if hi < hi16[l] { hi16[l] } else { hi };
+        lo = if lo16[l] < lo { lo16[l] } else { lo };
     }
+    params_from_range(hi, lo, n)
+}
+
+/// The scale and bias of a group whose maximum is `hi` and minimum `lo` (`n = 2^bits - 1`).
+#[inline(always)]
+pub(crate) fn params_from_range(hi: f32, lo: f32, n: f32) -> (f32, f32) {
     let mask = lo.abs() > hi.abs();
     let s0 = (hi - lo) / n;
     let mut scale = if s0 < EPS { EPS } else { s0 };
@@ -434,15 +534,19 @@ fn group_params(x: &[f32], n: f32) -> (f32, f32) {
     }
 }
 
-/// Quantizes one group (`x.len()` a multiple of 8) into `out` (`x.len() * B / 8` bytes) and returns
-/// the f32 scale and bias.
-#[inline]
+/// Quantizes one group (`x.len()` a multiple of [`LANES`], at most 128) into `out`
+/// (`x.len() * B / 8` bytes) and returns the f32 scale and bias.
+#[inline(always)]
 fn quantize_group<const B: u32>(x: &[f32], out: &mut [u8]) -> (f32, f32) {
     let n = ((1u32 << B) - 1) as f32;
     let (scale, bias) = group_params(x, n);
-    for (c, o) in x.chunks_exact(8).zip(out.chunks_exact_mut(B as usize)) {
-        let mut q = [0u32; 8];
-        for l in 0..8 {
+    for (c, o) in x
+        .chunks_exact(LANES)
+        .zip(out.chunks_exact_mut(LANES * B as usize / 8))
+    {
+        let c = lanes(c);
+        let mut q = [0u32; LANES];
+        for l in 0..LANES {
             let v = (c[l] - bias) / scale;
             // Clamping before rounding equals MLX's round-then-clamp (the bounds are integers);
             // NaN goes to 0 as MLX's float-to-integer cast does on x86.
@@ -450,13 +554,40 @@ fn quantize_group<const B: u32>(x: &[f32], out: &mut [u8]) -> (f32, f32) {
             let v = if v < n { v } else { n };
             q[l] = (v + MAGIC).to_bits().wrapping_sub(MAGIC_BITS);
         }
-        let mut word = 0u64;
-        for (l, &ql) in q.iter().enumerate() {
-            word |= (ql as u64) << (l as u32 * B);
-        }
-        o.copy_from_slice(&word.to_le_bytes()[..B as usize]);
+        pack::<B>(&q, o);
     }
     (scale, bias)
+}
+
+/// Packs levels (each below `2^B`) into an LSB-first bit stream: 8 levels per `B` bytes.
+#[inline(always)]
+pub(crate) fn pack<const B: u32>(q: &[u32], out: &mut [u8]) {
+    match B {
+        8 => {
+            for (o, &l) in out.iter_mut().zip(q) {
+                *o = l as u8;
+            }
+        }
+        4 => {
+            for (o, l) in out.iter_mut().zip(q.chunks_exact(2)) {
+                *o = (l[0] | (l[1] << 4)) as u8;
+            }
+        }
+        2 => {
+            for (o, l) in out.iter_mut().zip(q.chunks_exact(4)) {
+                *o = (l[0] | (l[1] << 2) | (l[2] << 4) | (l[3] << 6)) as u8;
+            }
+        }
+        _ => {
+            for (c, o) in q.chunks_exact(8).zip(out.chunks_exact_mut(B as usize)) {
+                let mut word = 0u64;
+                for (l, &ql) in c.iter().enumerate() {
+                    word |= (ql as u64) << (l as u32 * B);
+                }
+                o.copy_from_slice(&word.to_le_bytes()[..B as usize]);
+            }
+        }
+    }
 }
 
 /// Dequantizes MLX-quantized rows (packed `weight`, `scales` and `biases` in `scale_dtype`),
@@ -617,6 +748,8 @@ fn bf16_bits(v: f32) -> u16 {
 /// The three float element types, monomorphized so the inner loops have no per-element dispatch.
 pub(crate) trait Float: Send + Sync {
     const SIZE: usize;
+    /// Which of the three this is (for the intrinsics paths, which load each differently).
+    const DTYPE: DType;
     /// Rounds one value to this type (nearest even) and back to f32.
     fn round(v: f32) -> f32;
     /// Converts `dst.len()` little-endian elements from `src` to f32 (exact).
@@ -634,36 +767,38 @@ pub(crate) struct F16;
 pub(crate) struct BF16;
 
 impl Float for F32 {
+    const DTYPE: DType = DType::F32;
     const SIZE: usize = 4;
-    #[inline]
+    #[inline(always)]
     fn round(v: f32) -> f32 {
         v
     }
-    #[inline]
+    #[inline(always)]
     fn load(src: &[u8], dst: &mut [f32]) {
         for (d, c) in dst.iter_mut().zip(src.chunks_exact(4)) {
             *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
         }
     }
-    #[inline]
+    #[inline(always)]
     fn read(src: &[u8]) -> f32 {
         f32::from_le_bytes([src[0], src[1], src[2], src[3]])
     }
-    #[inline]
+    #[inline(always)]
     fn round_slice(_: &mut [f32]) {}
-    #[inline]
+    #[inline(always)]
     fn store(v: f32, dst: &mut [u8]) {
         dst.copy_from_slice(&v.to_le_bytes());
     }
 }
 
 impl Float for F16 {
+    const DTYPE: DType = DType::F16;
     const SIZE: usize = 2;
-    #[inline]
+    #[inline(always)]
     fn round(v: f32) -> f32 {
         f16::from_f32(v).to_f32()
     }
-    #[inline]
+    #[inline(always)]
     fn load(src: &[u8], dst: &mut [f32]) {
         let mut bits = [0u16; 128];
         let bits = &mut bits[..dst.len()];
@@ -672,11 +807,11 @@ impl Float for F16 {
         }
         bits.reinterpret_cast::<f16>().convert_to_f32_slice(dst);
     }
-    #[inline]
+    #[inline(always)]
     fn read(src: &[u8]) -> f32 {
         f16::from_bits(u16::from_le_bytes([src[0], src[1]])).to_f32()
     }
-    #[inline]
+    #[inline(always)]
     fn round_slice(x: &mut [f32]) {
         // `x.len() <= 128` (one group); the slice conversions use F16C when the CPU has it.
         let mut bits = [0u16; 128];
@@ -684,35 +819,36 @@ impl Float for F16 {
         h.convert_from_f32_slice(x);
         h.convert_to_f32_slice(x);
     }
-    #[inline]
+    #[inline(always)]
     fn store(v: f32, dst: &mut [u8]) {
         dst.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
     }
 }
 
 impl Float for BF16 {
+    const DTYPE: DType = DType::BF16;
     const SIZE: usize = 2;
-    #[inline]
+    #[inline(always)]
     fn round(v: f32) -> f32 {
         f32::from_bits((bf16_bits(v) as u32) << 16)
     }
-    #[inline]
+    #[inline(always)]
     fn load(src: &[u8], dst: &mut [f32]) {
         for (d, c) in dst.iter_mut().zip(src.chunks_exact(2)) {
             *d = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
         }
     }
-    #[inline]
+    #[inline(always)]
     fn read(src: &[u8]) -> f32 {
         f32::from_bits((u16::from_le_bytes([src[0], src[1]]) as u32) << 16)
     }
-    #[inline]
+    #[inline(always)]
     fn round_slice(x: &mut [f32]) {
         for v in x.iter_mut() {
             *v = f32::from_bits((bf16_bits(*v) as u32) << 16);
         }
     }
-    #[inline]
+    #[inline(always)]
     fn store(v: f32, dst: &mut [u8]) {
         dst.copy_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes());
     }
@@ -1049,5 +1185,80 @@ mod tests {
             .unwrap();
         let b = four.install(|| run(&v, k, spec));
         assert_eq!(a, b);
+    }
+
+    /// Every instruction-set level gives the same bytes as the portable loop, on awkward data: NaN,
+    /// infinities, signed zeros, constant and all-zero groups, subnormals, values far from zero, and
+    /// random rows; every dtype, bit width and group size. (The goldens against MLX itself run on
+    /// the widest level this CPU has: tests/quant_golden.rs.)
+    #[test]
+    fn every_isa_level_is_byte_identical() {
+        let mut seed = 0x1234_5678_9ABC_DEF0_u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let k = 256;
+        let mut v: Vec<f32> = Vec::new();
+        let specials = [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            -0.0,
+            0.0,
+            1e-40,
+            -3e-39,
+            65504.0,
+            1e30,
+        ];
+        for row in 0..40 {
+            for i in 0..k {
+                let r = rnd();
+                let x = match row % 8 {
+                    0 => 0.0,
+                    1 => 10.0 + (r % 1000) as f32 * 1e-6,
+                    2 => -0.0,
+                    3 => specials[(r % specials.len() as u64) as usize],
+                    4 if i % 13 == 0 => specials[(r % specials.len() as u64) as usize],
+                    5 => 3.25,
+                    _ => ((r >> 11) as f64 / (1u64 << 53) as f64 - 0.5) as f32 * (1 + row) as f32,
+                };
+                v.push(x);
+            }
+        }
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let src: Vec<u8> = match dtype {
+                DType::F32 => f32_bytes(&v),
+                DType::F16 => v
+                    .iter()
+                    .flat_map(|x| f16::from_f32(*x).to_bits().to_le_bytes())
+                    .collect(),
+                _ => v
+                    .iter()
+                    .flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes())
+                    .collect(),
+            };
+            let rows = v.len() / k;
+            for bits in [2, 3, 4, 5, 6, 8] {
+                for group in [32, 64, 128] {
+                    let spec = QuantSpec::new(bits, group).unwrap();
+                    let (wb, sb, bb) = quantized_sizes(rows, k, spec, dtype);
+                    let run = |isa| {
+                        let (mut w, mut s, mut b) = (vec![0u8; wb], vec![0u8; sb], vec![0u8; bb]);
+                        quantize_isa(isa, &src, dtype, k, spec, &mut w, &mut s, &mut b).unwrap();
+                        (w, s, b)
+                    };
+                    let base = run(Isa::Baseline);
+                    for isa in Isa::supported() {
+                        assert!(
+                            run(isa) == base,
+                            "{isa:?} differs from the portable loop: {dtype} {bits}-bit g{group}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }
