@@ -244,7 +244,9 @@ fn check_quantization(
         }
         let k_from_weight = *ws.last().unwrap() as u64 * 32 / bits.max(1);
         let k_from_scales = *ss.last().unwrap() as u64 * group;
-        if k_from_weight != k_from_scales || (*ws.last().unwrap() as u64 * 32) % bits.max(1) != 0 {
+        if k_from_weight != k_from_scales
+            || !(*ws.last().unwrap() as u64 * 32).is_multiple_of(bits.max(1))
+        {
             r.problems.push(format!(
                 "`{m}`: weight {ws:?} at {bits} bits holds {k_from_weight} inputs, but scales {ss:?} at group size {group} cover {k_from_scales}: the config's bits/group_size do not match this module"
             ));

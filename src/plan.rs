@@ -698,14 +698,14 @@ fn quantizable(t: &TensorPlan, spec: QuantSpec) -> std::result::Result<(), Strin
         return Err(format!("{} weights are not quantized", t.dtype));
     }
     let k = *shape.last().expect("len >= 2");
-    if k % spec.group_size != 0 {
+    if !k.is_multiple_of(spec.group_size) {
         return Err(format!(
             "last dimension {k} is not a multiple of the group size {} ({})",
             spec.group_size,
             spec.label()
         ));
     }
-    if t.numel() % LOADER_SIZE_MULTIPLE != 0 {
+    if !t.numel().is_multiple_of(LOADER_SIZE_MULTIPLE) {
         return Err(format!(
             "{} elements is not a multiple of {LOADER_SIZE_MULTIPLE}: mlx-vlm would load it unquantized",
             t.numel()

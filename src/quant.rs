@@ -216,7 +216,7 @@ impl QuantSpec {
     /// Checks the spec and that `k` is a positive multiple of the group size.
     pub(crate) fn check_k(self, k: usize) -> Result<(), QuantError> {
         self.validate()?;
-        if k == 0 || k % self.group_size != 0 {
+        if k == 0 || !k.is_multiple_of(self.group_size) {
             return Err(QuantError::KNotMultiple {
                 k,
                 group_size: self.group_size,
@@ -349,7 +349,7 @@ pub fn quantize_isa(
             k,
             group_size: spec.group_size,
         })?;
-    if src.len() % row_bytes != 0 {
+    if !src.len().is_multiple_of(row_bytes) {
         return Err(QuantError::PartialRow {
             what: "input",
             got: src.len(),
@@ -613,7 +613,7 @@ pub fn dequantize(
     check_float(scale_dtype)?;
     spec.check_k(k)?;
     let row_wbytes = k * spec.bits as usize / 8;
-    if weight.len() % row_wbytes != 0 {
+    if !weight.len().is_multiple_of(row_wbytes) {
         return Err(QuantError::PartialRow {
             what: "packed weight",
             got: weight.len(),

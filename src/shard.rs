@@ -379,7 +379,7 @@ pub fn layout_shard(tensors: &[TensorLayout], metadata: &BTreeMap<String, String
     }
     let mut json = serde_json::to_vec(&Value::Object(obj)).expect("header serializes");
     // Pad with spaces so the data section starts 8-byte aligned, as the reference writer does.
-    while (8 + json.len()) % 8 != 0 {
+    while !(8 + json.len()).is_multiple_of(8) {
         json.push(b' ');
     }
     let data_start = 8 + json.len();

@@ -251,7 +251,7 @@ pub(super) fn dequantize(
     spec.check_k(k)?;
     check_len("biases", 0, biases.len())?;
     let row_wbytes = k * spec.bits as usize / 8;
-    if weight.len() % row_wbytes != 0 {
+    if !weight.len().is_multiple_of(row_wbytes) {
         return Err(QuantError::PartialRow {
             what: "packed weight",
             got: weight.len(),

@@ -404,7 +404,7 @@ pub(crate) fn resolve(
             facts.q_out
         )));
     }
-    if facts.k_out % head_dim != 0 {
+    if !facts.k_out.is_multiple_of(head_dim) {
         return Err(f.err(format!(
             "the stored k_proj has {} output features, not a multiple of head_dim {head_dim}",
             facts.k_out

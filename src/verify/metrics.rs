@@ -56,7 +56,7 @@ pub fn argmax(row: &[f32]) -> usize {
 /// converted logits makes every figure the worst possible (a NaN must never pass a threshold).
 pub fn compare(reference: &[f32], converted: &[f32], vocab: usize) -> Agreement {
     assert!(
-        vocab > 0 && reference.len() == converted.len() && reference.len() % vocab == 0,
+        vocab > 0 && reference.len() == converted.len() && reference.len().is_multiple_of(vocab),
         "logit matrices must have the same [n, vocab] shape"
     );
     let n = reference.len() / vocab;
