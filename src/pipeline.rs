@@ -312,9 +312,12 @@ fn jobs_for(plan: &Plan) -> Vec<Job> {
             r = end;
         }
     }
-    // Biggest first: keeps both cores busy to the end.
+    // In file order, handed out in that order (`par_bridge` in `convert_batch`): the written prefix
+    // of each shard then grows steadily and its hash follows the conversion (8 MB jobs keep both
+    // cores busy to the end).
     jobs.sort_by_key(|j| {
-        std::cmp::Reverse((j.rows.len() * plan.tensors[j.tensor].row_len(), j.tensor))
+        let o = &plan.tensors[j.tensor].outputs[0];
+        (o.shard, o.offset, j.rows.start)
     });
     jobs
 }
@@ -378,55 +381,77 @@ fn write_shards(
     } else {
         vec![(None, jobs.iter().collect())]
     };
-    for (shard, batch) in &batches {
-        if let Some(i) = shard {
-            source.wait_shard(*i, &spec.cancel)?;
-        }
-        convert_batch(
-            source,
-            plan,
-            spec,
-            batch,
-            &writers,
-            &pending,
-            &bar,
-            &tensor_bar,
-        )?;
-        if let (Some(i), Some(feed)) = (shard, &source.feed) {
-            feed.converted(*i);
-        }
-    }
-    bar.finish_and_clear();
-    tensor_bar.finish_and_clear();
-    let bytes = plan.shards.iter().map(|s| s.header.file_len).sum();
-    // Hash each shard while the kernel writes it back: the fsyncs wait on the disk in their own
-    // threads (costing no CPU), the hashing reads the pages just written, still in the page cache.
-    let stop = || spec.cancel.load(Ordering::Relaxed);
-    let (synced, digests) = std::thread::scope(|scope| {
-        let syncs: Vec<_> = writers
-            .into_iter()
-            .map(|w| scope.spawn(move || w.finish()))
+    // Each shard is hashed by a thread that follows its written prefix while the conversion runs;
+    // after the conversion, the fsyncs wait on the disk in their own threads (costing no CPU).
+    let failed = AtomicBool::new(false);
+    let stop = || spec.cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
+    let (converted, synced, digests) = std::thread::scope(|scope| {
+        let hashers: Vec<_> = writers
+            .iter()
+            .map(|w| scope.spawn(|| provenance::sha256_following(w, &stop)))
             .collect();
-        let digests = plan
-            .shards
-            .par_iter()
-            .map(|s| {
-                let d = provenance::sha256_file(&dir.join(&s.file_name), &stop)?;
-                Ok((s.file_name.clone(), d))
+        let converted = (|| -> Result<()> {
+            for (shard, batch) in &batches {
+                if let Some(i) = shard {
+                    source.wait_shard(*i, &spec.cancel)?;
+                }
+                convert_batch(
+                    source,
+                    plan,
+                    spec,
+                    batch,
+                    &writers,
+                    &pending,
+                    &bar,
+                    &tensor_bar,
+                )?;
+                if let (Some(i), Some(feed)) = (shard, &source.feed) {
+                    feed.converted(*i);
+                }
+            }
+            Ok(())
+        })();
+        if converted.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        let syncs: Vec<_> = if converted.is_ok() {
+            writers
+                .iter()
+                .map(|w| {
+                    w.close();
+                    scope.spawn(move || w.sync())
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let digests = writers
+            .iter()
+            .zip(hashers)
+            .map(|(w, h)| {
+                let name = w.path.file_name().unwrap_or_default();
+                Ok((name.to_string_lossy().into_owned(), join(h)?))
             })
             .collect::<Result<BTreeMap<_, _>>>();
-        let synced = syncs
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect::<Result<Vec<()>>>();
-        (synced, digests)
+        let synced = syncs.into_iter().map(join).collect::<Result<Vec<()>>>();
+        (converted, synced, digests)
     });
-    // A failed write-back (disk full, I/O error) explains more than a hash cut short by it.
+    bar.finish_and_clear();
+    tensor_bar.finish_and_clear();
+    // The conversion's own error explains more than the hashing it cut short, and a failed
+    // write-back (disk full, I/O error) more than a hash cut short by it.
+    converted?;
     synced?;
+    let bytes = plan.shards.iter().map(|s| s.header.file_len).sum();
     Ok(WrittenShards {
         bytes,
         digests: digests?,
     })
+}
+
+/// Joins a scoped thread, passing its panic on.
+fn join<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
 /// Runs one batch of jobs on the rayon pool.
@@ -441,7 +466,7 @@ fn convert_batch(
     bar: &ProgressBar,
     tensor_bar: &ProgressBar,
 ) -> Result<()> {
-    jobs.par_iter().try_for_each_init(
+    jobs.iter().par_bridge().try_for_each_init(
         || (Vec::new(), Vec::new(), Vec::new(), QuantBufs::default()),
         |(cast_buf, perm_buf, deq_buf, qbufs), job| -> Result<()> {
             if spec.cancel.load(Ordering::Relaxed) {

@@ -20,17 +20,20 @@
 //!
 //! Hashing cost: an input inside a Hugging Face cache is a symlink to `blobs/<sha256>` for LFS files,
 //! so its hash is its blob's name (`sha256_source: "hf_cache_blob"`), free. Other inputs are hashed
-//! while the conversion runs (rayon tasks beside the conversion's), outputs right after they are
-//! written, one task per file, while their pages are still cached. The `sha2` crate uses the SHA-NI
+//! while the conversion runs (rayon tasks beside the conversion's); each output shard by a thread
+//! that follows its written prefix during the conversion ([`sha256_following`]), the other outputs
+//! after they are written. The `sha2` crate uses the SHA-NI
 //! instructions when the CPU has them (runtime detection).
 
 use crate::error::{Error, Result};
+use crate::shard::ShardWriter;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// The provenance file's name in an output directory.
@@ -290,6 +293,31 @@ pub fn digest_inputs(
         })
         .collect::<Result<_>>()?;
     Ok(digests.into_iter().collect())
+}
+
+/// sha256 of a shard while it is being written: hashes the written prefix as it grows (see
+/// [`ShardWriter::wait_prefix`]), so that hashing overlaps the conversion instead of re-reading the
+/// whole file afterwards. The conversion writes in file order, so the prefix follows close behind.
+/// Gives up with [`Error::Interrupted`] when `stop()` says so.
+pub fn sha256_following(w: &ShardWriter, stop: Stop) -> Result<FileDigest> {
+    let f = std::fs::File::open(&w.path).map_err(|e| Error::read(&w.path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut done = 0u64;
+    while done < w.len() {
+        let upto = w.wait_prefix(done, stop).ok_or(Error::Interrupted)?;
+        while done < upto {
+            let n = (upto - done).min(CHUNK as u64) as usize;
+            f.read_exact_at(&mut buf[..n], done)
+                .map_err(|e| Error::read(&w.path, e))?;
+            h.update(&buf[..n]);
+            done += n as u64;
+        }
+    }
+    Ok(FileDigest {
+        size: done,
+        sha256: hex(&h.finalize()),
+    })
 }
 
 /// Digests of every file in `dir` except the provenance file itself: `known` (hashed already, e.g.

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, OnceLock};
 
 /// Largest header accepted (same limit as the reference implementation).
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
@@ -394,9 +394,46 @@ pub fn layout_shard(tensors: &[TensorLayout], metadata: &BTreeMap<String, String
 }
 
 /// An output shard being written: header in place, file pre-sized, tensors written at their offsets.
+///
+/// It also tracks which bytes have been written, so that a reader can follow the growing written
+/// prefix ([`ShardWriter::wait_prefix`]): provenance hashes each shard while it is being written
+/// instead of reading it all back afterwards.
 pub struct ShardWriter {
     pub path: PathBuf,
     file: File,
+    len: u64,
+    written: Mutex<Coverage>,
+    advanced: Condvar,
+}
+
+/// The written part of a file: a prefix `[0, prefix)` plus ranges beyond it, merged as they join.
+#[derive(Debug, Default)]
+struct Coverage {
+    prefix: u64,
+    /// start -> end of written ranges past `prefix` (never overlapping: each byte is written once).
+    pending: BTreeMap<u64, u64>,
+}
+
+impl Coverage {
+    /// Records `[start, end)`; returns whether the prefix grew.
+    fn add(&mut self, start: u64, end: u64) -> bool {
+        if end <= start {
+            return false;
+        }
+        if start > self.prefix {
+            self.pending.insert(start, end);
+            return false;
+        }
+        self.prefix = self.prefix.max(end);
+        while let Some(e) = self.pending.first_entry() {
+            if *e.key() > self.prefix {
+                break;
+            }
+            let end = e.remove();
+            self.prefix = self.prefix.max(end);
+        }
+        true
+    }
 }
 
 impl ShardWriter {
@@ -411,21 +448,74 @@ impl ShardWriter {
         reserve(&file, header.file_len as u64).map_err(|e| Error::write(path, e))?;
         file.write_all_at(&header.bytes, 0)
             .map_err(|e| Error::write(path, e))?;
+        let mut written = Coverage::default();
+        written.add(0, header.bytes.len() as u64);
         Ok(ShardWriter {
             path: path.to_path_buf(),
             file,
+            len: header.file_len as u64,
+            written: Mutex::new(written),
+            advanced: Condvar::new(),
         })
+    }
+
+    /// The file's final size.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// Writes `bytes` at absolute file offset `offset`. Safe to call from many threads at once.
     pub fn write_at(&self, offset: usize, bytes: &[u8]) -> Result<()> {
         self.file
             .write_all_at(bytes, offset as u64)
-            .map_err(|e| Error::write(&self.path, e))
+            .map_err(|e| Error::write(&self.path, e))?;
+        let grew = self
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(offset as u64, (offset + bytes.len()) as u64);
+        if grew {
+            self.advanced.notify_all();
+        }
+        Ok(())
+    }
+
+    /// Waits until the written prefix extends beyond `past` and returns its end, or returns `None`
+    /// once `stop()` says so (checked every few milliseconds). Bytes below the returned end are in
+    /// the file (the writes returned) and never change again.
+    pub fn wait_prefix(&self, past: u64, stop: &dyn Fn() -> bool) -> Option<u64> {
+        let mut c = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if c.prefix > past {
+                return Some(c.prefix);
+            }
+            if stop() {
+                return None;
+            }
+            c = self
+                .advanced
+                .wait_timeout(c, std::time::Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Declares the file complete: every byte is final, so a reader following the prefix may read
+    /// to the end (a byte range no tensor covers would otherwise keep it waiting).
+    pub fn close(&self) {
+        let mut c = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        c.prefix = self.len;
+        c.pending.clear();
+        drop(c);
+        self.advanced.notify_all();
     }
 
     /// Flushes the file to disk.
-    pub fn finish(self) -> Result<()> {
+    pub fn sync(&self) -> Result<()> {
         self.file
             .sync_all()
             .map_err(|e| Error::write(&self.path, e))
@@ -524,5 +614,20 @@ mod tests {
         assert!(parse_header(&header_bytes(overflow, &[0; 8]))
             .unwrap_err()
             .contains("overflows"));
+    }
+
+    #[test]
+    fn coverage_grows_only_contiguously() {
+        let mut c = Coverage::default();
+        assert!(c.add(0, 10));
+        assert!(!c.add(20, 30));
+        assert!(!c.add(40, 50));
+        assert_eq!(c.prefix, 10);
+        assert!(!c.add(5, 5), "an empty range changes nothing");
+        assert!(c.add(10, 20));
+        assert_eq!(c.prefix, 30, "joins the pending range it reaches");
+        assert!(c.add(30, 40));
+        assert_eq!(c.prefix, 50);
+        assert!(c.pending.is_empty());
     }
 }

@@ -118,7 +118,7 @@ pub fn write_safetensors(
     for (n, _, bytes) in items {
         w.write_at(header.offsets[n], bytes).unwrap();
     }
-    w.finish().unwrap();
+    w.sync().unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
 
