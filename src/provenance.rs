@@ -19,7 +19,9 @@
 //! ```
 //!
 //! Hashing cost: an input inside a Hugging Face cache is a symlink to `blobs/<sha256>` for LFS files,
-//! so its hash is its blob's name (`sha256_source: "hf_cache_blob"`), free. Other inputs are hashed
+//! so its hash is its blob's name (`sha256_source: "hf_cache_blob"`), free; a directory made by
+//! `hf download --local-dir` keeps huggingface_hub's record of each file's etag, which is the sha256
+//! of an LFS file (`"hf_download_metadata"`), also free while the file is unmodified. Other inputs are hashed
 //! while the conversion runs (rayon tasks beside the conversion's); each output shard by a thread
 //! that follows its written prefix during the conversion ([`sha256_following`]), the other outputs
 //! after they are written. The `sha2` crate uses the SHA-NI
@@ -62,6 +64,11 @@ pub enum HashSource {
     /// The name of the Hugging Face cache blob the snapshot's symlink points to (LFS files are
     /// stored under their sha256).
     HfCacheBlob,
+    /// The etag huggingface_hub recorded when it downloaded the file into a local directory
+    /// (`hf download --local-dir`: `.cache/huggingface/download/<file>.metadata`; for LFS files the
+    /// etag is the sha256), trusted as huggingface_hub trusts it: only while the file is not newer
+    /// than the record.
+    HfDownloadMetadata,
     /// Not computed (`--no-input-hash`).
     Skipped,
 }
@@ -236,11 +243,40 @@ fn cache_blob_sha256(path: &Path) -> Option<String> {
         return None;
     }
     let name = real.file_name()?.to_str()?;
-    (name.len() == 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-    .then(|| name.to_string())
+    is_sha256_hex(name).then(|| name.to_string())
+}
+
+/// The sha256 huggingface_hub recorded for `path` when it downloaded it into the local directory
+/// `dir`: line 2 of `dir/.cache/huggingface/download/<relative path>.metadata` (commit, etag,
+/// Unix time), when the etag is an LFS sha256 (64 hex digits; git files carry a sha1) and the file
+/// was not modified after the record (huggingface_hub's own rule, with its 1 s of slack).
+fn download_metadata_sha256(dir: &Path, path: &Path) -> Option<String> {
+    let rel = path.strip_prefix(dir).ok()?;
+    let mut meta = dir
+        .join(".cache")
+        .join("huggingface")
+        .join("download")
+        .join(rel);
+    meta.as_mut_os_string().push(".metadata");
+    let text = std::fs::read_to_string(&meta).ok()?;
+    let mut lines = text.lines();
+    let _commit = lines.next()?;
+    let etag = lines.next()?.trim().trim_matches('"').to_ascii_lowercase();
+    let recorded: f64 = lines.next()?.trim().parse().ok()?;
+    let mtime = std::fs::metadata(path)
+        .ok()?
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs_f64();
+    (mtime - 1.0 <= recorded && is_sha256_hex(&etag)).then_some(etag)
+}
+
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Digests of the input files, keyed by their path relative to `dir`. `in_hf_cache`: the source is a
@@ -274,6 +310,12 @@ pub fn digest_inputs(
                     size,
                     sha256: Some(sha),
                     sha256_source: HashSource::HfCacheBlob,
+                }
+            } else if let Some(sha) = download_metadata_sha256(dir, p) {
+                InputDigest {
+                    size,
+                    sha256: Some(sha),
+                    sha256_source: HashSource::HfDownloadMetadata,
                 }
             } else if hash {
                 let d = sha256_file(p, stop)?;

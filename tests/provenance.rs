@@ -166,6 +166,58 @@ fn hugging_face_cache_inputs_are_identified_by_repo_revision_and_blob_names() {
     assert_eq!(v["provenance"]["revision"], rev);
 }
 
+/// `hf download --local-dir` leaves `.cache/huggingface/download/<file>.metadata` (commit, etag,
+/// time) beside the files; for LFS files the etag is the sha256, so it stands in for hashing, but
+/// only while the file is not newer than the record (huggingface_hub's rule), and never a git sha1.
+#[test]
+fn hf_local_dir_download_records_stand_in_for_hashing_while_fresh() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("local");
+    std::fs::create_dir(&src).unwrap();
+    for e in std::fs::read_dir(fixture("llava")).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), src.join(e.file_name())).unwrap();
+        }
+    }
+    let meta_dir = src.join(".cache/huggingface/download");
+    std::fs::create_dir_all(&meta_dir).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    // A recorded etag different from the content proves the record was used, not the bytes.
+    let recorded = "ab".repeat(32);
+    let record = |name: &str, etag: &str, time: f64| {
+        std::fs::write(
+            meta_dir.join(format!("{name}.metadata")),
+            format!("{}\n{etag}\n{time}\n", "c".repeat(40)),
+        )
+        .unwrap();
+    };
+    record("model.safetensors", &format!("\"{recorded}\""), now + 5.0);
+    // A git sha1 etag (small files) and a record older than the file are ignored: hashed instead.
+    record("config.json", &"d".repeat(40), now + 5.0);
+    record("tokenizer.json", &"e".repeat(64), now - 3600.0);
+    let out = t.path().join("out");
+    convert(&src, &out, &[]);
+    let p = read_json(&out.join("provenance.json"));
+    let inputs = &p["inputs"];
+    assert_eq!(inputs["model.safetensors"]["sha256"], recorded.as_str());
+    assert_eq!(
+        inputs["model.safetensors"]["sha256_source"],
+        "hf_download_metadata"
+    );
+    for name in ["config.json", "tokenizer.json"] {
+        assert_eq!(inputs[name]["sha256_source"], "content", "{name}");
+        assert_eq!(
+            inputs[name]["sha256"],
+            sha(&src.join(name)).as_str(),
+            "{name}"
+        );
+    }
+}
+
 #[test]
 fn no_input_hash_records_sizes_only_and_outputs_still_verify() {
     let t = tempfile::tempdir().unwrap();
