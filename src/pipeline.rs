@@ -52,6 +52,8 @@ pub struct OutputSpec<'a> {
     /// Hash the input files for provenance.json (`--no-input-hash` turns it off; Hugging Face cache
     /// blobs are named by their hash and cost nothing either way).
     pub hash_inputs: bool,
+    /// Hash the output files for provenance.json (`--no-hash` turns it off: sizes only).
+    pub hash_outputs: bool,
 }
 
 /// What a run produced.
@@ -225,7 +227,8 @@ pub fn write_output(source: &Source, plan: &Plan, spec: &OutputSpec) -> Result<W
     files.push("README.md".into());
 
     // Provenance last: it lists every other file, hashed while their pages are still cached.
-    let outputs = provenance::digest_outputs(&staging_dir, shard_digests, &stop)?;
+    let outputs =
+        provenance::digest_outputs(&staging_dir, shard_digests, spec.hash_outputs, &stop)?;
     let record = Provenance {
         format: provenance::FORMAT.into(),
         tool: provenance::tool(),
@@ -388,7 +391,18 @@ fn write_shards(
     let (converted, synced, digests) = std::thread::scope(|scope| {
         let hashers: Vec<_> = writers
             .iter()
-            .map(|w| scope.spawn(|| provenance::sha256_following(w, &stop)))
+            .map(|w| {
+                scope.spawn(|| {
+                    if spec.hash_outputs {
+                        provenance::sha256_following(w, &stop)
+                    } else {
+                        Ok(FileDigest {
+                            size: w.len(),
+                            sha256: None,
+                        })
+                    }
+                })
+            })
             .collect();
         let converted = (|| -> Result<()> {
             for (shard, batch) in &batches {

@@ -85,7 +85,9 @@ pub struct InputDigest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileDigest {
     pub size: u64,
-    pub sha256: String,
+    /// Absent when the conversion ran with `--no-hash`: `check` then verifies the size only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,7 +209,7 @@ pub fn sha256_file(path: &Path, stop: Stop) -> Result<FileDigest> {
         }
         return Ok(FileDigest {
             size: map.len() as u64,
-            sha256: hex(&h.finalize()),
+            sha256: Some(hex(&h.finalize())),
         });
     }
     let mut f = f;
@@ -228,7 +230,7 @@ pub fn sha256_file(path: &Path, stop: Stop) -> Result<FileDigest> {
     }
     Ok(FileDigest {
         size,
-        sha256: hex(&h.finalize()),
+        sha256: Some(hex(&h.finalize())),
     })
 }
 
@@ -321,7 +323,7 @@ pub fn digest_inputs(
                 let d = sha256_file(p, stop)?;
                 InputDigest {
                     size: d.size,
-                    sha256: Some(d.sha256),
+                    sha256: d.sha256,
                     sha256_source: HashSource::Content,
                 }
             } else {
@@ -358,7 +360,7 @@ pub fn sha256_following(w: &ShardWriter, stop: Stop) -> Result<FileDigest> {
     }
     Ok(FileDigest {
         size: done,
-        sha256: hex(&h.finalize()),
+        sha256: Some(hex(&h.finalize())),
     })
 }
 
@@ -367,6 +369,7 @@ pub fn sha256_following(w: &ShardWriter, stop: Stop) -> Result<FileDigest> {
 pub fn digest_outputs(
     dir: &Path,
     known: BTreeMap<String, FileDigest>,
+    hash: bool,
     stop: Stop,
 ) -> Result<BTreeMap<String, FileDigest>> {
     let mut names = Vec::new();
@@ -380,7 +383,17 @@ pub fn digest_outputs(
     names.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     let v: Vec<(String, FileDigest)> = names
         .par_iter()
-        .map(|(n, _)| Ok((n.clone(), sha256_file(&dir.join(n), stop)?)))
+        .map(|(n, size)| {
+            let d = if hash {
+                sha256_file(&dir.join(n), stop)?
+            } else {
+                FileDigest {
+                    size: *size,
+                    sha256: None,
+                }
+            };
+            Ok((n.clone(), d))
+        })
         .collect::<Result<_>>()?;
     let mut all = known;
     all.extend(v);
@@ -496,11 +509,15 @@ pub fn verify(dir: &Path) -> Verdict {
                     want.size
                 ));
             }
+            let Some(want_sha) = &want.sha256 else {
+                // Converted with --no-hash: the size is all there is to check.
+                return Ok(());
+            };
             match sha256_file(&f, &|| false) {
                 Err(e) => Err(e.to_string()),
-                Ok(got) if got.sha256 != want.sha256 => Err(format!(
-                    "{name}: sha256 {} but {FILE} records {}: the file was modified after conversion",
-                    got.sha256, want.sha256
+                Ok(got) if got.sha256.as_ref() != Some(want_sha) => Err(format!(
+                    "{name}: sha256 {} but {FILE} records {want_sha}: the file was modified after conversion",
+                    got.sha256.unwrap_or_default(),
                 )),
                 Ok(_) => Ok(()),
             }
@@ -576,12 +593,12 @@ mod tests {
         std::fs::write(&p, &big).unwrap();
         let d = sha256_file(&p, &|| false).unwrap();
         assert_eq!(d.size, big.len() as u64);
-        assert_eq!(d.sha256, hex(&Sha256::digest(&big)));
+        assert_eq!(d.sha256, Some(hex(&Sha256::digest(&big))));
         let p = t.path().join("empty");
         std::fs::write(&p, b"").unwrap();
         assert_eq!(
-            sha256_file(&p, &|| false).unwrap().sha256,
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            sha256_file(&p, &|| false).unwrap().sha256.as_deref(),
+            Some("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
         );
     }
 
@@ -593,8 +610,8 @@ mod tests {
         let d = sha256_file(&p, &|| false).unwrap();
         assert_eq!(d.size, 3);
         assert_eq!(
-            d.sha256,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            d.sha256.as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
         );
         assert!(matches!(sha256_file(&p, &|| true), Err(Error::Interrupted)));
     }

@@ -240,6 +240,50 @@ fn no_input_hash_records_sizes_only_and_outputs_still_verify() {
 }
 
 #[test]
+fn no_hash_records_sizes_only_and_check_verifies_sizes() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("out");
+    convert(
+        &fixture("llava"),
+        &out,
+        &["--no-hash", "--q-bits", "4", "-q"],
+    );
+    let p = read_json(&out.join("provenance.json"));
+    assert_eq!(p["settings"]["hash_inputs"], false);
+    assert_eq!(p["settings"]["hash_outputs"], false);
+    for (name, d) in p["inputs"].as_object().unwrap() {
+        assert_eq!(d["sha256"], Value::Null, "{name}");
+    }
+    let outputs = p["outputs"].as_object().unwrap();
+    assert!(outputs.contains_key("model.safetensors"));
+    for (name, d) in outputs {
+        assert!(d.get("sha256").is_none(), "{name}: {d}");
+        assert_eq!(
+            d["size"],
+            std::fs::metadata(out.join(name)).unwrap().len(),
+            "{name}"
+        );
+    }
+    assert_eq!(check(&out).0, 0);
+    // A size change is still found; a same-size edit is not (that is what hashing is for).
+    let shard = out.join("model.safetensors");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&shard, &bytes).unwrap();
+    assert_eq!(check(&out).0, 0);
+    bytes.push(0);
+    std::fs::write(&shard, &bytes).unwrap();
+    let (code, v) = check(&out);
+    assert_eq!(code, 3);
+    assert!(
+        problems(&v).contains("model.safetensors: size"),
+        "{}",
+        problems(&v)
+    );
+}
+
+#[test]
 fn argv_is_recorded_as_given() {
     // No flag takes a secret today; the redaction of `--*token*`-like values is unit-tested in
     // src/provenance.rs. The program is named by its file name, not where it is installed.
