@@ -31,6 +31,7 @@ pub mod reference;
 mod report;
 mod rope;
 mod text;
+pub mod vision;
 mod weights;
 
 use std::path::PathBuf;
@@ -44,6 +45,7 @@ pub use report::{
 };
 pub use rope::{mrope_angles, mrope_text_positions, MropeStyle};
 pub use text::{HiddenState, TextModel};
+pub use vision::{merge_image_features, VisionArch, VisionModel};
 
 use crate::mlx::MlxError;
 
