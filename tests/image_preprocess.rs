@@ -139,3 +139,14 @@ fn bad_image_files_are_errors() {
     assert!(RgbImage::open(&p).is_err());
     assert!(RgbImage::open(&t.path().join("missing.png")).is_err());
 }
+
+/// `fixtures/images/synthetic.png` is the built-in image, for Python tools (`scripts/reference_logits.py
+/// --image`) that need the same pixels. `VLM_CONVERT_BLESS=1` rewrites it.
+#[test]
+fn synthetic_png_is_the_builtin_image() {
+    let path = root().join("fixtures/images/synthetic.png");
+    if std::env::var_os("VLM_CONVERT_BLESS").is_some() {
+        RgbImage::synthetic().save_png(&path).unwrap();
+    }
+    assert_eq!(RgbImage::open(&path).unwrap(), RgbImage::synthetic());
+}

@@ -27,6 +27,7 @@ mod against;
 mod config;
 pub mod image;
 pub mod metrics;
+pub mod prompt;
 pub mod reference;
 mod report;
 mod rope;
