@@ -125,7 +125,7 @@ def image_forward(model, inputs: dict, ids: list[int]):
     n0 = inputs["input_ids"].shape[1]
     kw = {}
     for k, v in inputs.items():
-        if k in ("input_ids", "attention_mask"):
+        if k in ("input_ids", "attention_mask", "labels"):
             continue
         if k in ("token_type_ids", "mm_token_type_ids") and v.shape[1] == n0 and len(ids) > n0:
             v = torch.cat([v, torch.zeros((1, len(ids) - n0), dtype=v.dtype)], dim=1)
