@@ -9,6 +9,7 @@
 //!   the end-to-end difference is reported.
 //!
 //! Each comparison prints `image-preprocess <arch> <image> max|diff| ...` (run with `--nocapture`).
+#![cfg(feature = "mlx")]
 
 mod common;
 use common::*;
