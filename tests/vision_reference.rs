@@ -12,7 +12,8 @@
 //!   level (absent on Gemma 3 checkpoints, so its default 2048) before the language model multiplies
 //!   every embedding by `sqrt(text hidden_size)`, where transformers inserts them unscaled; and its
 //!   image tokens attend causally where transformers lets them see the whole image. Both change the
-//!   logits at every position after the image: recorded, not bounded tightly.
+//!   logits at every position after the image: recorded, not bounded tightly. (Checked by hand:
+//!   mlx-vlm's float32 forward with both changed matches transformers to 5.7e-4, top-1 285/285.)
 #![cfg(feature = "mlx")]
 
 mod common;
