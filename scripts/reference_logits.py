@@ -6,6 +6,8 @@ from the ORIGINAL checkpoint (a Hugging Face model directory, before conversion)
     python scripts/reference_logits.py --model DIR --out ref.safetensors --prompt "Hello" --prompt "2+2=" \
         --new-tokens 8
     python scripts/reference_logits.py --model DIR --out ref.safetensors --ids 1,2,3 --ids 4,5,6
+    python scripts/reference_logits.py --model DIR --out ref.image.safetensors --image photo.png \
+        --prompt "Describe the image."
 
 Needs torch and transformers (the reference environment: ../shared/reference-env/requirements-reference.txt).
 
@@ -14,6 +16,12 @@ tokens added), or explicit token ids. Each prompt's logits are those of the lang
 text-only prompt, every position; the greedy continuation is computed by re-running the whole sequence
 and taking the argmax of the last position (no KV cache, no sampling, no stop tokens), which is exactly
 what vlm-convert's own greedy check does, so both sides can be compared token by token.
+
+With --image, each --prompt (default "Describe the image.") is an image prompt built by the checkpoint's
+own processor (AutoProcessor: `apply_chat_template` with the image and the text, add_generation_prompt,
+tokenized; without a chat template, `processor(text=..., images=...)`), and the forward gets every tensor
+the processor returns (pixel_values, token_type_ids, ...). The file also holds `pixel_values` (F32, the
+processor's output for the image) and the metadata `image` (the file name).
 
 File format (safetensors; `vlm-convert verify` validates all of it):
   input_ids      I64 [P, T]      prompts, right-padded with 0 to the longest
@@ -89,6 +97,47 @@ def forward_logits(model, ids: list[int]):
     return out.logits[0].to(torch.float32)
 
 
+def image_inputs(model_dir: str, image_path: str, text: str):
+    """The processor's tensors (torch) for one image prompt."""
+    import warnings
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    warnings.filterwarnings("ignore")
+    proc = AutoProcessor.from_pretrained(model_dir)
+    img = Image.open(image_path)
+    img.load()
+    if proc.chat_template:
+        msgs = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": text}]}]
+        out = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt")
+    else:
+        out = proc(text=text, images=img, return_tensors="pt")
+    return dict(out)
+
+
+def image_forward(model, inputs: dict, ids: list[int]):
+    """Logits of the image prompt extended to `ids` (the processor's extra per-token tensors are
+    extended with zeros: generated tokens are text)."""
+    import torch
+
+    n0 = inputs["input_ids"].shape[1]
+    kw = {}
+    for k, v in inputs.items():
+        if k in ("input_ids", "attention_mask", "labels"):
+            continue
+        if k in ("token_type_ids", "mm_token_type_ids") and v.shape[1] == n0 and len(ids) > n0:
+            v = torch.cat([v, torch.zeros((1, len(ids) - n0), dtype=v.dtype)], dim=1)
+        if torch.is_floating_point(v):
+            v = v.to(torch.float32)
+        kw[k] = v
+    with torch.no_grad():
+        x = torch.tensor([ids], dtype=torch.long)
+        out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=False, **kw)
+    return out.logits[0].to(torch.float32)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the original checkpoint directory (Hugging Face layout)")
@@ -97,7 +146,10 @@ def main() -> int:
     ap.add_argument("--ids", action="append", default=[], help="a prompt as comma-separated token ids (repeatable)")
     ap.add_argument("--new-tokens", type=int, default=8, help="greedy tokens per prompt (0: none; default 8)")
     ap.add_argument("--source", help="source name recorded in the metadata (default: --model)")
+    ap.add_argument("--image", help="make image prompts with this image (PNG/JPEG)")
     args = ap.parse_args()
+    if args.image and args.ids:
+        raise SystemExit("error: --image takes --prompt texts, not --ids")
 
     import torch
     import transformers
@@ -110,7 +162,14 @@ def main() -> int:
     skip = excluded_ids(config)
 
     prompts: list[tuple[str | None, list[int]]] = []
-    for text in args.prompt or ([] if args.ids else DEFAULT_PROMPTS):
+    inputs: list[dict | None] = []
+    if args.image:
+        for text in args.prompt or ["Describe the image."]:
+            inp = image_inputs(args.model, args.image, text)
+            prompts.append((text, [int(t) for t in inp["input_ids"][0]]))
+            inputs.append(inp)
+        skip = set()
+    for text in [] if args.image else args.prompt or ([] if args.ids else DEFAULT_PROMPTS):
         tok = AutoTokenizer.from_pretrained(args.model)
         ids = tok(text, add_special_tokens=False)["input_ids"]
         prompts.append((text, ids))
@@ -133,16 +192,23 @@ def main() -> int:
         n = len(ids)
         input_ids[p, :n] = torch.tensor(ids)
         lengths[p] = n
-        logits[p, :n] = forward_logits(model, ids)
+        inp = inputs[p] if p < len(inputs) else None
+
+        def fwd(seq):
+            return forward_logits(model, seq) if inp is None else image_forward(model, inp, seq)
+
+        logits[p, :n] = fwd(ids)
         seq = list(ids)
         for j in range(N):
-            nxt = int(torch.argmax(forward_logits(model, seq)[-1]).item())
+            nxt = int(torch.argmax(fwd(seq)[-1]).item())
             generated[p, j] = nxt
             seq.append(nxt)
 
     tensors = {"input_ids": input_ids, "lengths": lengths, "logits": logits}
     if N > 0:
         tensors["generated_ids"] = generated
+    if args.image:
+        tensors["pixel_values"] = inputs[0]["pixel_values"].to(torch.float32)
     metadata = {
         "format": FORMAT,
         "source": args.source or args.model,
@@ -151,6 +217,8 @@ def main() -> int:
         "model_class": type(model).__name__,
         "prompts": json.dumps([t for t, _ in prompts]),
     }
+    if args.image:
+        metadata["image"] = Path(args.image).name
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, args.out, metadata=metadata)
     print(f"{args.out}: {P} prompts, up to {T} tokens, vocab {vocab}, {N} new tokens ({type(model).__name__})",

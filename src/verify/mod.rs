@@ -25,11 +25,14 @@
 
 mod against;
 mod config;
+pub mod image;
 pub mod metrics;
+pub mod prompt;
 pub mod reference;
 mod report;
 mod rope;
 mod text;
+pub mod vision;
 mod weights;
 
 use std::path::PathBuf;
@@ -43,6 +46,7 @@ pub use report::{
 };
 pub use rope::{mrope_angles, mrope_text_positions, MropeStyle};
 pub use text::{HiddenState, TextModel};
+pub use vision::{merge_image_features, VisionArch, VisionModel};
 
 use crate::mlx::MlxError;
 

@@ -1,0 +1,73 @@
+//! Image prompts built by `vlm_convert::verify::prompt::PromptBuilder` (chat template through
+//! minijinja, tokenizer through the `tokenizers` crate, image placeholder expanded to the vision
+//! model's feature count) against the input ids of the fixture's transformers processor
+//! (`tests/py/processor_ids.py`, live in the CI venv), for every fixture whose vision path we support.
+#![cfg(feature = "mlx")]
+
+mod common;
+use common::*;
+
+use vlm_convert::verify::prompt::PromptBuilder;
+use vlm_convert::verify::{Precision, VisionModel};
+
+fn processor_ids(arch: &str, text: &str) -> Vec<i32> {
+    let res = std::process::Command::new(python())
+        .arg(root().join("tests/py/processor_ids.py"))
+        .args(["--model", s(&fixture(arch)), "--text", text])
+        .output()
+        .expect("python runs");
+    assert!(
+        res.status.success(),
+        "processor_ids.py {arch}: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let line = String::from_utf8_lossy(&res.stdout);
+    serde_json::from_str(line.lines().last().unwrap_or_default()).expect("a JSON list of ids")
+}
+
+fn matches_processor(arch: &str) {
+    vlm_convert::mlx::init().unwrap();
+    let dir = fixture(arch);
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    // The feature count comes from our vision model of the converted layout; the source fixture's
+    // tower has the same sizes, so convert it.
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("m");
+    let (code, _, err) = run(&["--hf-path", s(&dir), "--mlx-path", s(&out), "--quiet"]);
+    assert_eq!(code, 0, "{err}");
+    let tokens = VisionModel::load(&out, Precision::Native)
+        .unwrap()
+        .tokens_per_image();
+    let builder = PromptBuilder::from_dir(&out, &config).unwrap();
+    for text in [
+        "Describe the image.",
+        "What is in the top right corner? Answer briefly.",
+    ] {
+        let ours = builder.image_prompt(text, tokens).unwrap();
+        let want = processor_ids(arch, text);
+        eprintln!(
+            "verify-prompt {arch:10} {} ids, {tokens} image tokens",
+            ours.len()
+        );
+        assert_eq!(
+            ours, want,
+            "{arch} {text:?}: ids differ from the processor's"
+        );
+    }
+}
+
+#[test]
+fn llava() {
+    matches_processor("llava");
+}
+
+#[test]
+fn paligemma() {
+    matches_processor("paligemma");
+}
+
+#[test]
+fn gemma3() {
+    matches_processor("gemma3");
+}
