@@ -26,6 +26,7 @@
 mod against;
 mod config;
 pub mod metrics;
+mod qwen_vision;
 pub mod reference;
 mod report;
 mod rope;
@@ -36,6 +37,7 @@ use std::path::PathBuf;
 
 pub use against::TensorCheck;
 pub use config::{ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig};
+pub use qwen_vision::{ImageFeatures, QwenVision, QwenVisionConfig, QwenVisionKind};
 pub use reference::{RefPrompt, Reference};
 pub use report::{
     builtin_prompts, verify, LevelReport, PromptReport, Report, ThresholdOverrides, Thresholds,

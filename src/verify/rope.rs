@@ -56,7 +56,7 @@ pub fn mrope_text_positions(n: usize) -> Vec<[i64; 3]> {
 }
 
 /// `1 / base^(arange(0, dim, 2) / dim)` computed by MLX in float32, as mlx-vlm's `compute_inv_freq`.
-fn inv_freq(dim: usize, base: f32) -> Result<Vec<f32>> {
+pub(crate) fn inv_freq(dim: usize, base: f32) -> Result<Vec<f32>> {
     let exps = Array::arange(0.0, dim as f64, 2.0, Dtype::F32)?
         .divide(&Array::scalar(dim as f32, Dtype::F32)?)?;
     let inv =

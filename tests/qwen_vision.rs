@@ -1,0 +1,248 @@
+//! Our Qwen vision transformer (`vlm_convert::verify::QwenVision`) against mlx-vlm's vision tower, for
+//! Qwen2-VL, Qwen2.5-VL and Qwen3-VL: each fixture is converted by the real binary (bf16, and 4-bit
+//! g64, whose vision tower stays float), then `tests/py/qwen_vision.py` builds pixel values with the
+//! checkpoint's own transformers image processor (one small image; two larger images that give
+//! several Qwen2.5-VL windows and fractional Qwen3-VL position interpolation; a random two-frame
+//! grid) and runs mlx-vlm's tower on them, natively and upcast to float32. Our features must match.
+//!
+//! Each comparison prints `qwen-vision <arch> <conversion> <run> case<i> max|diff| ...`
+//! (run with `--nocapture`).
+#![cfg(feature = "mlx")]
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+use vlm_convert::shard::SafetensorsFile;
+use vlm_convert::verify::{Precision, QwenVision, VerifyError};
+
+/// Max |diff| against mlx-vlm in the stored dtype (bf16). Measured on the Linux CPU: 0.
+const NATIVE_TOL: f32 = 1e-2;
+/// Max |diff| in float32. Measured: 0.
+const F32_TOL: f32 = 1e-4;
+
+fn read_f32(file: &SafetensorsFile, name: &str) -> Vec<f32> {
+    let info = file
+        .tensors
+        .get(name)
+        .unwrap_or_else(|| panic!("{}: no tensor {name}", file.path.display()));
+    file.data(info)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn read_grid(file: &SafetensorsFile, name: &str) -> Vec<[usize; 3]> {
+    let info = file.tensors.get(name).expect("grid_thw");
+    let v: Vec<usize> = file
+        .data(info)
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .collect();
+    v.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "feature sizes differ");
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            m.max(d)
+        }
+    })
+}
+
+fn convert(name: &str, out: &Path, flags: &[&str]) {
+    let src = fixture(name);
+    let mut args = vec!["--hf-path", s(&src), "--mlx-path", s(out), "--quiet"];
+    args.extend_from_slice(flags);
+    let (code, _, stderr) = run(&args);
+    assert_eq!(code, 0, "{name} {flags:?}: {stderr}");
+}
+
+/// Runs tests/py/qwen_vision.py on `dir`; returns the cases file.
+fn mlx_vlm_cases(dir: &Path, out: &Path) -> SafetensorsFile {
+    let res = std::process::Command::new(python())
+        .arg(root().join("tests/py/qwen_vision.py"))
+        .args(["--model", s(dir), "--out", s(out)])
+        .output()
+        .expect("python runs");
+    assert!(
+        res.status.success(),
+        "qwen_vision.py {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&res.stderr)
+    );
+    SafetensorsFile::open(out).unwrap()
+}
+
+/// Compares every case of `dir` in both precisions; returns the largest difference seen.
+fn compare_dir(arch: &str, conversion: &str, dir: &Path, tmp: &Path) -> f32 {
+    let cases = mlx_vlm_cases(dir, &tmp.join(format!("{conversion}.cases.safetensors")));
+    let mut worst = 0.0f32;
+    for (precision, suffix, tol) in [
+        (Precision::Native, "", NATIVE_TOL),
+        (Precision::Float32, ".f32", F32_TOL),
+    ] {
+        let model = QwenVision::load(dir, precision).unwrap();
+        let mut i = 0;
+        while cases.tensors.contains_key(&format!("case{i}.pixel_values")) {
+            let pv = read_f32(&cases, &format!("case{i}.pixel_values"));
+            let grid = read_grid(&cases, &format!("case{i}.grid_thw"));
+            let ours = model.features(&pv, &grid).unwrap();
+            let want = read_f32(&cases, &format!("case{i}.features{suffix}"));
+            let merge = model.config().spatial_merge_size;
+            let tokens: usize =
+                grid.iter().map(|g| g[0] * g[1] * g[2]).sum::<usize>() / (merge * merge);
+            assert_eq!(ours.tokens, tokens);
+            assert_eq!(ours.data.len(), tokens * ours.dim);
+            let run = if suffix.is_empty() {
+                "native"
+            } else {
+                "float32"
+            };
+            let d = max_abs_diff(&ours.data, &want);
+            eprintln!(
+                "qwen-vision {arch:11} {conversion:5} {run:8} case{i} grid {grid:?} max|diff| {d:.3e} \
+                 (tol {tol:.0e}, max|feature| {:.3e})",
+                want.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+            );
+            assert!(
+                d <= tol,
+                "{arch} {conversion} {run} case{i}: features differ from mlx-vlm's by {d:e}"
+            );
+            worst = worst.max(d);
+            let mut j = 0;
+            while cases
+                .tensors
+                .contains_key(&format!("case{i}.deepstack.{j}{suffix}"))
+            {
+                let want = read_f32(&cases, &format!("case{i}.deepstack.{j}{suffix}"));
+                let d = max_abs_diff(&ours.deepstack[j], &want);
+                eprintln!(
+                    "qwen-vision {arch:11} {conversion:5} {run:8} case{i} deepstack.{j} max|diff| {d:.3e}"
+                );
+                assert!(
+                    d <= tol,
+                    "{arch} {conversion} {run} case{i} deepstack {j}: {d:e}"
+                );
+                worst = worst.max(d);
+                j += 1;
+            }
+            assert_eq!(ours.deepstack.len(), j, "{arch}: deepstack outputs");
+            i += 1;
+        }
+        assert_eq!(i, 3, "{arch}: cases in the file");
+    }
+    worst
+}
+
+fn tower_matches(arch: &str) {
+    vlm_convert::mlx::init().expect("mlx::init");
+    let t = tempfile::tempdir().unwrap();
+    let plain = t.path().join("bf16");
+    convert(arch, &plain, &[]);
+    compare_dir(arch, "bf16", &plain, t.path());
+    let q4 = t.path().join("q4");
+    convert(arch, &q4, &["-q", "--q-bits", "4", "--q-group-size", "64"]);
+    compare_dir(arch, "q4", &q4, t.path());
+}
+
+#[test]
+fn qwen2_vl() {
+    tower_matches("qwen2_vl");
+}
+
+#[test]
+fn qwen2_5_vl() {
+    tower_matches("qwen2_5_vl");
+}
+
+#[test]
+fn qwen3_vl() {
+    tower_matches("qwen3_vl");
+}
+
+/// Bad inputs are errors, and a patch embedding left in PyTorch's layout is refused by name.
+#[test]
+fn bad_inputs_and_pytorch_layout() {
+    vlm_convert::mlx::init().expect("mlx::init");
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("m");
+    convert("qwen2_vl", &out, &[]);
+    let m = QwenVision::load(&out, Precision::Native).unwrap();
+    let k = m.config().patch_len();
+    // grid not a multiple of the merge size
+    let r = m.features(&vec![0.0; 3 * k], &[[1, 1, 3]]);
+    assert!(matches!(r, Err(VerifyError::BadInput(_))), "{r:?}");
+    // pixel count disagrees with the grid
+    let r = m.features(&vec![0.0; 3 * k], &[[1, 2, 2]]);
+    assert!(matches!(r, Err(VerifyError::BadInput(_))), "{r:?}");
+    assert!(matches!(
+        m.features(&[], &[]),
+        Err(VerifyError::BadInput(_))
+    ));
+
+    // Store the Conv3d kernel as PyTorch has it ([O, C, T, P, P]): same bytes, other shape.
+    let file = out.join("model.safetensors");
+    let st = SafetensorsFile::open(&file).unwrap();
+    let items: Vec<_> = st
+        .tensors
+        .iter()
+        .map(|(name, info)| {
+            let mut info = info.clone();
+            if name == "vision_tower.patch_embed.proj.weight" {
+                let s = info.shape.clone();
+                info.shape = vec![s[0], s[4], s[1], s[2], s[3]];
+            }
+            (name.clone(), info, st.data(&st.tensors[name]).to_vec())
+        })
+        .collect();
+    let metadata = st.metadata.clone();
+    drop(st);
+    write_safetensors(&file, &metadata, &items);
+    let err = QwenVision::load(&out, Precision::Native)
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("channels-last"),
+        "unexpected error: {err}"
+    );
+}
+
+/// The comparison can fail: two vision blocks swapped in the converted directory (SPEC.md section 7:
+/// invisible on a text prompt) move the features far beyond the tolerance.
+#[test]
+fn swapped_vision_blocks_are_seen() {
+    vlm_convert::mlx::init().expect("mlx::init");
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("m");
+    convert("qwen2_5_vl", &out, &[]);
+    let cases = mlx_vlm_cases(&out, &t.path().join("cases.safetensors"));
+    rename_tensors(&out, |n| {
+        Some(
+            if let Some(rest) = n.strip_prefix("vision_tower.blocks.0.") {
+                format!("vision_tower.blocks.1.{rest}")
+            } else if let Some(rest) = n.strip_prefix("vision_tower.blocks.1.") {
+                format!("vision_tower.blocks.0.{rest}")
+            } else {
+                n.to_string()
+            },
+        )
+    });
+    let m = QwenVision::load(&out, Precision::Float32).unwrap();
+    let pv = read_f32(&cases, "case1.pixel_values");
+    let grid = read_grid(&cases, "case1.grid_thw");
+    let d = max_abs_diff(
+        &m.features(&pv, &grid).unwrap().data,
+        &read_f32(&cases, "case1.features.f32"),
+    );
+    eprintln!("qwen-vision qwen2_5_vl blocks 0 and 1 swapped: max|diff| {d:.3e}");
+    assert!(
+        d > 100.0 * F32_TOL,
+        "a swap of two blocks went unseen ({d:e})"
+    );
+}
