@@ -246,3 +246,106 @@ fn swapped_vision_blocks_are_seen() {
         "a swap of two blocks went unseen ({d:e})"
     );
 }
+
+/// M-RoPE positions of prompts holding images: ours against mlx-vlm's `get_rope_index` (Qwen2-VL,
+/// Qwen2.5-VL, Qwen3-VL) on several layouts, token ids of the qwen2_vl fixture.
+#[test]
+fn mrope_positions_match_mlx_vlm() {
+    use vlm_convert::verify::{mrope_image_positions, ImageTokenIds};
+    vlm_convert::mlx::init().expect("mlx::init");
+    let (start, image, end) = (294, 297, 295);
+    let tokens = ImageTokenIds {
+        image_token_id: image,
+        vision_start_token_id: start,
+    };
+    let merge = 2;
+    // (text before, [(grid, text after)]) -> ids
+    let block = |g: [usize; 3]| -> Vec<i32> {
+        let mut v = vec![start];
+        v.extend(std::iter::repeat_n(
+            image,
+            g[0] * g[1] * g[2] / (merge * merge),
+        ));
+        v.push(end);
+        v
+    };
+    let layouts: Vec<(Vec<i32>, Vec<[usize; 3]>)> = vec![
+        // text, image, text
+        (
+            [vec![10, 11, 12], block([1, 4, 8]), vec![13, 14]].concat(),
+            vec![[1, 4, 8]],
+        ),
+        // two images of different sizes with text between, none after
+        (
+            [
+                vec![10],
+                block([1, 16, 24]),
+                vec![20, 21, 22],
+                block([1, 12, 8]),
+            ]
+            .concat(),
+            vec![[1, 16, 24], [1, 12, 8]],
+        ),
+        // an image first, then two back to back, then text
+        (
+            [
+                block([1, 2, 2]),
+                block([1, 6, 4]),
+                block([1, 4, 10]),
+                vec![30, 31],
+            ]
+            .concat(),
+            vec![[1, 2, 2], [1, 6, 4], [1, 4, 10]],
+        ),
+        // a two-frame grid
+        (
+            [vec![10, 11], block([2, 4, 6]), vec![12]].concat(),
+            vec![[2, 4, 6]],
+        ),
+        // text only
+        (vec![10, 11, 12, 13], vec![]),
+    ];
+    let req = serde_json::json!({
+        "cases": layouts.iter().map(|(ids, grids)| serde_json::json!({"ids": ids, "grids": grids})).collect::<Vec<_>>(),
+        "merge": merge,
+        "image_token_id": image,
+        "video_token_id": 298,
+        "vision_start_token_id": start,
+    });
+    let mut child = std::process::Command::new(python())
+        .arg(root().join("tests/py/mrope_index.py"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python runs");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(req.to_string().as_bytes()).unwrap();
+    }
+    let res = child.wait_with_output().unwrap();
+    assert!(
+        res.status.success(),
+        "mrope_index.py: {}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let want: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
+    for arch in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] {
+        for (i, (ids, grids)) in layouts.iter().enumerate() {
+            let ours = mrope_image_positions(ids, tokens, grids, merge).unwrap();
+            let w = &want[arch][i];
+            let theirs: Vec<[i64; 3]> = (0..ids.len())
+                .map(|j| {
+                    let at = |axis: usize| w[axis][j].as_i64().unwrap();
+                    [at(0), at(1), at(2)]
+                })
+                .collect();
+            assert_eq!(ours, theirs, "{arch} layout {i}");
+        }
+        eprintln!(
+            "qwen-vision mrope {arch}: {} layouts identical to mlx-vlm's get_rope_index",
+            layouts.len()
+        );
+    }
+}

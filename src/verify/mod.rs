@@ -43,7 +43,9 @@ pub use report::{
     builtin_prompts, verify, LevelReport, PromptReport, Report, ThresholdOverrides, Thresholds,
     VerifyOptions,
 };
-pub use rope::{mrope_angles, mrope_text_positions, MropeStyle};
+pub use rope::{
+    mrope_angles, mrope_image_positions, mrope_text_positions, ImageTokenIds, MropeStyle,
+};
 pub use text::{HiddenState, TextModel};
 
 use crate::mlx::MlxError;
