@@ -25,6 +25,7 @@
 
 mod against;
 mod config;
+pub mod image;
 pub mod metrics;
 mod qwen_vision;
 pub mod reference;
