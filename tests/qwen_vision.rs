@@ -349,3 +349,89 @@ fn mrope_positions_match_mlx_vlm() {
         );
     }
 }
+
+/// A deterministic test image of `w x h`: gradients, a checkerboard and pseudo-random noise, so that
+/// every resampling tap matters.
+fn pattern(w: usize, h: usize, seed: u32) -> vlm_convert::verify::image::RgbImage {
+    let mut state = seed.wrapping_mul(747_796_405).wrapping_add(1);
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let noise = (state >> 24) as usize;
+            let check = if (x / 7 + y / 5) % 2 == 0 { 60 } else { 0 };
+            data.push(((x * 255 / w.max(2)) + check) as u8);
+            data.push(((y * 255 / h.max(2)) / 2 + noise / 2) as u8);
+            data.push(((x + 2 * y) * 3 % 256) as u8);
+        }
+    }
+    vlm_convert::verify::image::RgbImage::new(w, h, data).unwrap()
+}
+
+/// Qwen's preprocessing (smart_resize, Pillow's bicubic resize, rescale, normalize, temporal repeat,
+/// patch order) against transformers' processor on PNG files, for each Qwen fixture's processor
+/// config, at the checkpoint's pixel budget and a larger one.
+#[test]
+fn preprocessing_matches_transformers() {
+    use vlm_convert::verify::image::RgbImage;
+    use vlm_convert::verify::QwenImageProcessor;
+    let t = tempfile::tempdir().unwrap();
+    let images: Vec<RgbImage> = vec![
+        RgbImage::synthetic(),
+        pattern(12, 10, 1),   // grows to min_pixels
+        pattern(300, 200, 2), // shrinks to max_pixels
+        pattern(500, 20, 3),  // a long strip
+        pattern(57, 43, 4),   // odd sides
+    ];
+    let mut files = Vec::new();
+    for (i, img) in images.iter().enumerate() {
+        let f = t.path().join(format!("img{i}.png"));
+        img.save_png(&f).unwrap();
+        files.push(f);
+    }
+    for arch in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] {
+        for max_pixels in [None, Some(160 * 160)] {
+            let out = t.path().join(format!("{arch}-{max_pixels:?}.safetensors"));
+            let mut cmd = std::process::Command::new(python());
+            cmd.arg(root().join("tests/py/qwen_processor.py")).args([
+                "--model",
+                s(&fixture(arch)),
+                "--out",
+                s(&out),
+            ]);
+            if let Some(m) = max_pixels {
+                cmd.args(["--max-pixels", &m.to_string()]);
+            }
+            let res = cmd.args(files.iter().map(|f| s(f))).output().unwrap();
+            assert!(
+                res.status.success(),
+                "qwen_processor.py: {}",
+                String::from_utf8_lossy(&res.stderr)
+            );
+            let want = SafetensorsFile::open(&out).unwrap();
+            let mut p = QwenImageProcessor::from_dir(&fixture(arch)).unwrap();
+            if let Some(m) = max_pixels {
+                p.max_pixels = m;
+            }
+            let mut worst = 0.0f32;
+            for (i, img) in images.iter().enumerate() {
+                let ours = p.preprocess(img).unwrap();
+                let grid = read_grid(&want, &format!("image{i}.grid_thw"));
+                assert_eq!(vec![ours.grid_thw], grid, "{arch} image {i}");
+                let d = max_abs_diff(
+                    &ours.data,
+                    &read_f32(&want, &format!("image{i}.pixel_values")),
+                );
+                worst = worst.max(d);
+            }
+            let (all, grids) = p.preprocess_all(&images).unwrap();
+            assert_eq!(grids, read_grid(&want, "all.grid_thw"));
+            worst = worst.max(max_abs_diff(&all, &read_f32(&want, "all.pixel_values")));
+            eprintln!(
+                "qwen-vision preprocess {arch:11} max_pixels {:>7}: grids {grids:?} max|diff| {worst:.3e}",
+                p.max_pixels
+            );
+            assert!(worst <= 1e-6, "{arch}: pixel values differ by {worst:e}");
+        }
+    }
+}

@@ -27,6 +27,7 @@ mod against;
 mod config;
 pub mod image;
 pub mod metrics;
+mod qwen_image;
 mod qwen_vision;
 pub mod reference;
 mod report;
@@ -38,6 +39,7 @@ use std::path::PathBuf;
 
 pub use against::TensorCheck;
 pub use config::{ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig};
+pub use qwen_image::{patchify, smart_resize, QwenImageProcessor, QwenPixels};
 pub use qwen_vision::{ImageFeatures, QwenVision, QwenVisionConfig, QwenVisionKind};
 pub use reference::{RefPrompt, Reference};
 pub use report::{
