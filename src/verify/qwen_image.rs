@@ -13,8 +13,11 @@ use serde_json::Value;
 use super::image::{ImageProcessor, Resample, ResizePolicy, RgbImage};
 use super::{Result, VerifyError};
 
-/// transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`, the processor's defaults.
+/// transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`, the processor's defaults (its literals, rounded
+/// to float32 as numpy rounds them).
+#[allow(clippy::excessive_precision)]
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// The processor of a Qwen2-VL-family checkpoint.
