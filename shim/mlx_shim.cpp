@@ -289,6 +289,13 @@ int mlxs_take(const mlxs_array* a, const mlxs_array* indices, int axis, mlxs_arr
   return guard([&] { put(out, mx::take(get(a), get(indices), axis)); });
 }
 
+int mlxs_conv2d(const mlxs_array* input, const mlxs_array* weight, int stride_h, int stride_w, int pad_h, int pad_w,
+                mlxs_array** out) {
+  return guard([&] {
+    put(out, mx::conv2d(get(input), get(weight), {stride_h, stride_w}, {pad_h, pad_w}));
+  });
+}
+
 int mlxs_unary(int op, const mlxs_array* a, mlxs_array** out) {
   return guard([&] {
     const auto& x = get(a);

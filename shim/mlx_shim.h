@@ -118,6 +118,9 @@ int mlxs_slice(const mlxs_array* a, const int32_t* start, const int32_t* stop, c
                mlxs_array** out);
 int mlxs_concatenate(const mlxs_array* const* arrays, size_t n, int axis, mlxs_array** out);
 int mlxs_take(const mlxs_array* a, const mlxs_array* indices, int axis, mlxs_array** out);
+/* 2-D convolution, channels last: input [N, H, W, C_in], weight [C_out, kH, kW, C_in] (MLX layout). */
+int mlxs_conv2d(const mlxs_array* input, const mlxs_array* weight, int stride_h, int stride_w, int pad_h, int pad_w,
+                mlxs_array** out);
 
 /* Element-wise and reductions. */
 int mlxs_unary(int op, const mlxs_array* a, mlxs_array** out);

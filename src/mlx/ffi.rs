@@ -85,6 +85,15 @@ extern "C" {
     ) -> c_int;
     pub fn mlxs_concatenate(arrays: *const In, n: usize, axis: c_int, out: Out) -> c_int;
     pub fn mlxs_take(a: In, indices: In, axis: c_int, out: Out) -> c_int;
+    pub fn mlxs_conv2d(
+        input: In,
+        weight: In,
+        stride_h: c_int,
+        stride_w: c_int,
+        pad_h: c_int,
+        pad_w: c_int,
+        out: Out,
+    ) -> c_int;
 
     pub fn mlxs_unary(op: c_int, a: In, out: Out) -> c_int;
     pub fn mlxs_binary(op: c_int, a: In, b: In, out: Out) -> c_int;

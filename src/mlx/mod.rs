@@ -495,6 +495,22 @@ impl Array {
         })
     }
 
+    /// `mx.conv2d` (channels last): `self` is `[N, H, W, C_in]`, `weight` `[C_out, kH, kW, C_in]`
+    /// (MLX's layout, what converted checkpoints store); `stride` and `padding` are (height, width).
+    pub fn conv2d(&self, weight: &Array, stride: (i32, i32), padding: (i32, i32)) -> Result<Array> {
+        make("conv2d", |out| unsafe {
+            ffi::mlxs_conv2d(
+                self.as_ptr(),
+                weight.as_ptr(),
+                stride.0,
+                stride.1,
+                padding.0,
+                padding.1,
+                out,
+            )
+        })
+    }
+
     // ---- element-wise ----
 
     fn unary(&self, op: c_int, name: &'static str) -> Result<Array> {

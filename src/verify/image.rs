@@ -567,7 +567,7 @@ impl ImageProcessor {
         };
         let normalize = if flag("do_normalize", true)? {
             let (mean, std) = (triple("image_mean")?, triple("image_std")?);
-            if std.iter().any(|&s| s == 0.0) {
+            if std.contains(&0.0) {
                 return Err(err("`image_std` has a zero".into()));
             }
             Some((mean, std))

@@ -33,6 +33,7 @@ pub mod reference;
 mod report;
 mod rope;
 mod text;
+pub mod vision;
 mod weights;
 
 use std::path::PathBuf;
@@ -50,6 +51,7 @@ pub use rope::{
     mrope_angles, mrope_image_positions, mrope_text_positions, ImageTokenIds, MropeStyle,
 };
 pub use text::{HiddenState, TextModel};
+pub use vision::{merge_image_features, VisionArch, VisionModel};
 
 use crate::mlx::MlxError;
 

@@ -335,8 +335,16 @@ impl TextModel {
         positions: Option<&[[i64; 3]]>,
     ) -> Result<(Vec<f32>, Vec<HiddenState>)> {
         let (logits, states) = self.run(input_ids, positions, true)?;
+        self.collect_states(input_ids.len(), logits, states)
+    }
+
+    fn collect_states(
+        &self,
+        n: usize,
+        logits: Array,
+        states: Vec<Array>,
+    ) -> Result<(Vec<f32>, Vec<HiddenState>)> {
         let logits = logits.to_vec_f32()?;
-        let n = input_ids.len();
         let d = self.config.hidden_size;
         let count = states.len();
         states
@@ -361,6 +369,55 @@ impl TextModel {
             })
             .collect::<Result<Vec<_>>>()
             .map(|states| (logits, states))
+    }
+
+    /// The token embeddings `[1, n, hidden]` of `ids` as the model looks them up (stored dtype,
+    /// dequantized rows when quantized), before any embedding scale: what image features are merged
+    /// into ([`super::vision::merge_image_features`]).
+    pub fn embed_tokens(&self, ids: &[i32]) -> Result<Array> {
+        self.check_ids(ids)?;
+        let ids_arr = Array::from_slice(ids, &[1, ids.len()])?;
+        self.embed.lookup(&ids_arr)
+    }
+
+    /// Logits `[n, vocab]` (row-major, float32) of a forward pass from precomputed input embeddings
+    /// (`[1, n, hidden]`, e.g. token embeddings with image features merged in, before the embedding
+    /// scale, which is applied here as mlx-vlm's language models do to `inputs_embeds`). `ids` are the
+    /// prompt's token ids (their count must match); `positions` as in [`TextModel::logits_at`].
+    pub fn logits_from_embeds(
+        &self,
+        ids: &[i32],
+        embeds: &Array,
+        positions: Option<&[[i64; 3]]>,
+    ) -> Result<Vec<f32>> {
+        Ok(self
+            .run_inner(ids, Some(embeds), positions, false, None)?
+            .0
+            .to_vec_f32()?)
+    }
+
+    /// [`TextModel::logits_from_embeds`] and the hidden states (see [`TextModel::hidden_states`]).
+    pub fn logits_and_states_from_embeds(
+        &self,
+        ids: &[i32],
+        embeds: &Array,
+        positions: Option<&[[i64; 3]]>,
+    ) -> Result<(Vec<f32>, Vec<HiddenState>)> {
+        let (logits, states) = self.run_inner(ids, Some(embeds), positions, true, None)?;
+        self.collect_states(ids.len(), logits, states)
+    }
+
+    fn check_ids(&self, ids: &[i32]) -> Result<()> {
+        if ids.is_empty() {
+            return Err(VerifyError::BadInput("empty prompt".into()));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+            return Err(VerifyError::BadInput(format!(
+                "token id {bad} is outside the vocabulary (0..{vocab})"
+            )));
+        }
+        Ok(())
     }
 
     /// The forward pass: logits `[n, vocab]` float32 (lazy) and, with `capture`, the hidden states.
@@ -413,6 +470,19 @@ impl TextModel {
         ids: &[i32],
         positions: Option<&[[i64; 3]]>,
         capture: bool,
+        cache: Option<&mut KvCache>,
+    ) -> Result<(Array, Vec<Array>)> {
+        self.run_inner(ids, None, positions, capture, cache)
+    }
+
+    /// [`TextModel::run_with`] from precomputed input embeddings when `embeds` is given (else the
+    /// token embeddings of `ids`).
+    fn run_inner(
+        &self,
+        ids: &[i32],
+        embeds: Option<&Array>,
+        positions: Option<&[[i64; 3]]>,
+        capture: bool,
         mut cache: Option<&mut KvCache>,
     ) -> Result<(Array, Vec<Array>)> {
         let offset = cache.as_ref().map_or(0, |c| c.offset);
@@ -446,8 +516,19 @@ impl TextModel {
             }
         }
         let arch = &self.arch;
-        let ids_arr = Array::from_slice(ids, &[1, n])?;
-        let mut h = self.embed.lookup(&ids_arr)?;
+        let mut h = match embeds {
+            Some(e) => {
+                let s = e.shape()?;
+                if s != [1, n, self.config.hidden_size] {
+                    return Err(VerifyError::BadInput(format!(
+                        "input embeddings of shape {s:?} for {n} tokens of width {}",
+                        self.config.hidden_size
+                    )));
+                }
+                e.try_clone()?
+            }
+            None => self.embed.lookup(&Array::from_slice(ids, &[1, n])?)?,
+        };
         if arch.embeds_to_norm_dtype {
             h = h.astype(self.norm.dtype()?)?;
         }

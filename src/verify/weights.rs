@@ -163,6 +163,17 @@ impl Store {
         root: &str,
         precision: Precision,
     ) -> Result<Store> {
+        Store::open_roots(dir, config, &[root], precision)
+    }
+
+    /// [`Store::open`] keeping the tensors under any of `roots` (e.g. the vision tower and the
+    /// projector).
+    pub(crate) fn open_roots(
+        dir: &Path,
+        config: &Value,
+        roots: &[&str],
+        precision: Precision,
+    ) -> Result<Store> {
         let quant = QuantConfig::from_config(config).map_err(|msg| VerifyError::Config {
             path: dir.join("config.json"),
             msg,
@@ -172,7 +183,7 @@ impl Store {
         for path in weight_files(dir)? {
             let file = SafetensorsFile::open(&path)?;
             for (name, info) in &file.tensors {
-                if !name.starts_with(root) {
+                if !roots.iter().any(|r| name.starts_with(r)) {
                     continue;
                 }
                 let dtype =
