@@ -435,3 +435,142 @@ fn preprocessing_matches_transformers() {
         }
     }
 }
+
+/// Writes the inputs of an image prompt for tests/py/qwen_image_forward.py.
+fn write_prompt_inputs(path: &Path, ids: &[i32], pv: &[f32], grids: &[[usize; 3]], k: usize) {
+    use vlm_convert::dtype::DType;
+    use vlm_convert::shard::TensorInfo;
+    let le_i32 = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let info = |dtype: DType, shape: Vec<usize>| -> TensorInfo {
+        let end = shape.iter().product::<usize>() * 4;
+        TensorInfo {
+            dtype,
+            shape,
+            begin: 0,
+            end,
+        }
+    };
+    let grid_flat: Vec<i32> = grids.iter().flatten().map(|&x| x as i32).collect();
+    let items = vec![
+        (
+            "input_ids".to_string(),
+            info(DType::I32, vec![ids.len()]),
+            le_i32(ids),
+        ),
+        (
+            "pixel_values".to_string(),
+            info(DType::F32, vec![pv.len() / k, k]),
+            pv.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        (
+            "grid_thw".to_string(),
+            info(DType::I32, vec![grids.len(), 3]),
+            le_i32(&grid_flat),
+        ),
+    ];
+    write_safetensors(path, &Default::default(), &items);
+}
+
+/// The whole image prompt of Qwen2-VL and Qwen2.5-VL: our preprocessing of two images, our vision
+/// tower, the features merged at the `<|image_pad|>` tokens, our M-RoPE positions and our language
+/// model, against mlx-vlm's forward (`get_input_embeddings` + language model) on the same ids and
+/// pixel values, bf16 and 4-bit conversions, native and float32.
+fn image_prompt_matches(arch: &str) {
+    use vlm_convert::verify::image::RgbImage;
+    use vlm_convert::verify::{QwenImageProcessor, TextModel};
+    vlm_convert::mlx::init().expect("mlx::init");
+    let t = tempfile::tempdir().unwrap();
+    let proc = QwenImageProcessor::from_dir(&fixture(arch)).unwrap();
+    let images = [RgbImage::synthetic(), pattern(30, 70, 4)];
+    let (pv, grids) = proc.preprocess_all(&images).unwrap();
+    let cfg = read_json(&fixture(arch).join("config.json"));
+    let id = |k: &str| cfg[k].as_i64().unwrap() as i32;
+    let (start, image, end) = (
+        id("vision_start_token_id"),
+        id("image_token_id"),
+        id("vision_end_token_id"),
+    );
+    let mut ids = vec![5, 17, 42];
+    for g in &grids {
+        ids.push(start);
+        ids.extend(std::iter::repeat_n(image, proc.image_tokens(*g)));
+        ids.push(end);
+        ids.extend([61, 7]);
+    }
+    ids.extend([100, 33, 8]);
+    let inputs = t.path().join("inputs.safetensors");
+    let k = pv.len() / grids.iter().map(|g| g[0] * g[1] * g[2]).sum::<usize>();
+    write_prompt_inputs(&inputs, &ids, &pv, &grids, k);
+
+    for (conversion, flags) in [
+        ("bf16", &[][..]),
+        ("q4", &["-q", "--q-bits", "4", "--q-group-size", "64"][..]),
+    ] {
+        let dir = t.path().join(conversion);
+        convert(arch, &dir, flags);
+        for (precision, upcast, tol) in [
+            (Precision::Native, false, NATIVE_TOL),
+            (Precision::Float32, true, F32_TOL),
+        ] {
+            let out = t.path().join(format!("{conversion}-{upcast}.safetensors"));
+            let mut cmd = std::process::Command::new(python());
+            cmd.arg(root().join("tests/py/qwen_image_forward.py"))
+                .args(["--model", s(&dir), "--inputs", s(&inputs), "--out", s(&out)]);
+            if upcast {
+                cmd.arg("--upcast");
+            }
+            let res = cmd.output().unwrap();
+            assert!(
+                res.status.success(),
+                "qwen_image_forward.py: {}",
+                String::from_utf8_lossy(&res.stderr)
+            );
+            let want = SafetensorsFile::open(&out).unwrap();
+            let vision = QwenVision::load(&dir, precision).unwrap();
+            let text = TextModel::load(&dir, precision).unwrap();
+            let ours = vision.prompt_logits(&text, &ids, &pv, &grids).unwrap();
+            let theirs = read_f32(&want, "logits");
+            let d = max_abs_diff(&ours, &theirs);
+            // The image must matter: the same ids with the image tokens' text embeddings differ.
+            let text_only = text
+                .logits_at(
+                    &ids,
+                    Some(
+                        &vlm_convert::verify::mrope_image_positions(
+                            &ids,
+                            vision.config().image_tokens.unwrap(),
+                            &grids,
+                            2,
+                        )
+                        .unwrap(),
+                    ),
+                )
+                .unwrap();
+            let image_effect = max_abs_diff(&text_only, &theirs);
+            let run = if upcast { "float32" } else { "native" };
+            eprintln!(
+                "qwen-vision image-prompt {arch:11} {conversion:5} {run:8} {} tokens, grids {grids:?}: \
+                 max|logits diff| {d:.3e} (tol {tol:.0e}; without the image features {image_effect:.3e})",
+                ids.len()
+            );
+            assert!(
+                d <= tol,
+                "{arch} {conversion} {run}: logits differ by {d:e}"
+            );
+            assert!(
+                image_effect > 100.0 * tol,
+                "{arch}: the image changed nothing"
+            );
+        }
+    }
+}
+
+#[test]
+fn qwen2_vl_image_prompt() {
+    image_prompt_matches("qwen2_vl");
+}
+
+#[test]
+fn qwen2_5_vl_image_prompt() {
+    image_prompt_matches("qwen2_5_vl");
+}

@@ -28,7 +28,9 @@ use serde_json::Value;
 use crate::mlx::fast::{self, Mask};
 use crate::mlx::{self, Array, Dtype};
 
-use super::rope::{inv_freq, mlx_cos, mlx_sin};
+use super::rope::{inv_freq, mlx_cos, mlx_sin, mrope_image_positions, ImageTokenIds};
+use super::text::TextModel;
+use super::vision::merge_image_features;
 use super::weights::{Embedding, Linear, Store};
 use super::{Precision, Result, VerifyError};
 
@@ -75,6 +77,8 @@ pub struct QwenVisionConfig {
     pub num_grid_per_side: usize,
     /// Qwen3-VL: blocks whose output feeds a deepstack merger (in this order).
     pub deepstack_visual_indexes: Vec<usize>,
+    /// config.json `image_token_id` / `vision_start_token_id` (top level), if present.
+    pub image_tokens: Option<ImageTokenIds>,
 }
 
 impl QwenVisionConfig {
@@ -157,6 +161,16 @@ impl QwenVisionConfig {
             fullatt_block_indexes: list("fullatt_block_indexes", &[7, 15, 23, 31])?,
             num_grid_per_side: side,
             deepstack_visual_indexes: list("deepstack_visual_indexes", &[])?,
+            image_tokens: match (
+                config.get("image_token_id").and_then(Value::as_i64),
+                config.get("vision_start_token_id").and_then(Value::as_i64),
+            ) {
+                (Some(i), Some(s)) => Some(ImageTokenIds {
+                    image_token_id: i as i32,
+                    vision_start_token_id: s as i32,
+                }),
+                _ => None,
+            },
         };
         if cfg.num_heads == 0 || cfg.hidden_size % cfg.num_heads != 0 || cfg.head_dim() % 4 != 0 {
             return Err(err(format!(
@@ -641,6 +655,41 @@ impl QwenVision {
             out = out.take(&inv, 0)?;
         }
         Ok((out, deep))
+    }
+
+    /// Logits `[n, vocab]` (float32, row-major) of an image prompt, as mlx-vlm's Qwen2-VL /
+    /// Qwen2.5-VL forward runs it: the image features replace the embeddings of the image tokens in
+    /// order, and the language model runs with the M-RoPE positions of [`mrope_image_positions`].
+    /// `ids` must hold one image token per feature row (the processor's expansion). Qwen3-VL also adds
+    /// its deepstack features inside the language model, which [`TextModel`] does not do: unsupported.
+    pub fn prompt_logits(
+        &self,
+        text: &TextModel,
+        ids: &[i32],
+        pixel_values: &[f32],
+        grid_thw: &[[usize; 3]],
+    ) -> Result<Vec<f32>> {
+        if self.cfg.kind == QwenVisionKind::Qwen3Vl {
+            return Err(VerifyError::Unsupported(
+                "Qwen3-VL image prompts (deepstack features enter the language model's first layers)"
+                    .into(),
+            ));
+        }
+        let tokens = self.cfg.image_tokens.ok_or_else(|| VerifyError::Config {
+            path: self.dir.join("config.json"),
+            msg: "`image_token_id` / `vision_start_token_id` missing".into(),
+        })?;
+        let n = self.check_input(pixel_values.len(), grid_thw)?;
+        let pv = Array::from_slice(pixel_values, &[n, self.cfg.patch_len()])?;
+        let (features, _) = self.forward(&pv, grid_thw)?;
+        let fs = features.shape()?;
+        let features = features.reshape(&[1, fs[0] as i32, fs[1] as i32])?;
+        let embeds = text.embed_tokens(ids)?;
+        let dtype = embeds.dtype()?;
+        let merged =
+            merge_image_features(ids, &embeds, &features, tokens.image_token_id, None, dtype)?;
+        let positions = mrope_image_positions(ids, tokens, grid_thw, self.cfg.spatial_merge_size)?;
+        text.logits_from_embeds(ids, &merged, Some(&positions))
     }
 
     fn block(
