@@ -213,38 +213,65 @@ fn bad_inputs_and_pytorch_layout() {
     );
 }
 
-/// The comparison can fail: two vision blocks swapped in the converted directory (SPEC.md section 7:
-/// invisible on a text prompt) move the features far beyond the tolerance.
+/// The comparison can fail: planted vision bugs (two vision blocks swapped, the merger's two layers
+/// swapped; SPEC.md section 7: invisible on a text prompt) move the features far beyond the tolerance,
+/// while the text prompt's logits stay identical.
 #[test]
-fn swapped_vision_blocks_are_seen() {
+fn planted_vision_bugs_are_seen() {
+    use vlm_convert::verify::TextModel;
     vlm_convert::mlx::init().expect("mlx::init");
     let t = tempfile::tempdir().unwrap();
-    let out = t.path().join("m");
-    convert("qwen2_5_vl", &out, &[]);
-    let cases = mlx_vlm_cases(&out, &t.path().join("cases.safetensors"));
-    rename_tensors(&out, |n| {
-        Some(
-            if let Some(rest) = n.strip_prefix("vision_tower.blocks.0.") {
-                format!("vision_tower.blocks.1.{rest}")
-            } else if let Some(rest) = n.strip_prefix("vision_tower.blocks.1.") {
-                format!("vision_tower.blocks.0.{rest}")
-            } else {
-                n.to_string()
-            },
-        )
-    });
-    let m = QwenVision::load(&out, Precision::Float32).unwrap();
+    let good = t.path().join("good");
+    convert("qwen2_5_vl", &good, &[]);
+    let cases = mlx_vlm_cases(&good, &t.path().join("cases.safetensors"));
     let pv = read_f32(&cases, "case1.pixel_values");
     let grid = read_grid(&cases, "case1.grid_thw");
-    let d = max_abs_diff(
-        &m.features(&pv, &grid).unwrap().data,
-        &read_f32(&cases, "case1.features.f32"),
-    );
-    eprintln!("qwen-vision qwen2_5_vl blocks 0 and 1 swapped: max|diff| {d:.3e}");
-    assert!(
-        d > 100.0 * F32_TOL,
-        "a swap of two blocks went unseen ({d:e})"
-    );
+    let want = read_f32(&cases, "case1.features.f32");
+    let ids = [5, 17, 42, 100, 33, 8, 61, 7];
+    let text_good = TextModel::load(&good, Precision::Float32)
+        .unwrap()
+        .logits(&ids)
+        .unwrap();
+    let swap = |a: &'static str, b: &'static str| {
+        move |n: &str| -> Option<String> {
+            Some(if let Some(rest) = n.strip_prefix(a) {
+                format!("{b}{rest}")
+            } else if let Some(rest) = n.strip_prefix(b) {
+                format!("{a}{rest}")
+            } else {
+                n.to_string()
+            })
+        }
+    };
+    for (bug, a, b) in [
+        (
+            "vision blocks 0 and 1 swapped",
+            "vision_tower.blocks.0.",
+            "vision_tower.blocks.1.",
+        ),
+        (
+            "merger layers swapped",
+            "vision_tower.merger.mlp.0.",
+            "vision_tower.merger.mlp.2.",
+        ),
+    ] {
+        let dir = t.path().join(bug.replace(' ', "-"));
+        copy_dir(&good, &dir);
+        rename_tensors(&dir, swap(a, b));
+        let m = QwenVision::load(&dir, Precision::Float32).unwrap();
+        let d = max_abs_diff(&m.features(&pv, &grid).unwrap().data, &want);
+        let text = TextModel::load(&dir, Precision::Float32)
+            .unwrap()
+            .logits(&ids)
+            .unwrap();
+        let text_d = max_abs_diff(&text, &text_good);
+        eprintln!(
+            "qwen-vision qwen2_5_vl planted bug ({bug}): image features max|diff| {d:.3e}, text logits \
+             max|diff| {text_d:.3e}"
+        );
+        assert!(d > 100.0 * F32_TOL, "{bug} went unseen ({d:e})");
+        assert_eq!(text_d, 0.0, "{bug}: the text prompt should not see it");
+    }
 }
 
 /// M-RoPE positions of prompts holding images: ours against mlx-vlm's `get_rope_index` (Qwen2-VL,
