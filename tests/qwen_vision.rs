@@ -278,7 +278,7 @@ fn planted_vision_bugs_are_seen() {
 /// Qwen2.5-VL, Qwen3-VL) on several layouts, token ids of the qwen2_vl fixture.
 #[test]
 fn mrope_positions_match_mlx_vlm() {
-    use vlm_convert::verify::{mrope_image_positions, ImageTokenIds};
+    use vlm_convert::verify::{mrope_delta, mrope_image_positions, ImageTokenIds};
     vlm_convert::mlx::init().expect("mlx::init");
     let (start, image, end) = (294, 297, 295);
     let tokens = ImageTokenIds {
@@ -361,7 +361,7 @@ fn mrope_positions_match_mlx_vlm() {
     for arch in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] {
         for (i, (ids, grids)) in layouts.iter().enumerate() {
             let ours = mrope_image_positions(ids, tokens, grids, merge).unwrap();
-            let w = &want[arch][i];
+            let w = &want[arch][i]["positions"];
             let theirs: Vec<[i64; 3]> = (0..ids.len())
                 .map(|j| {
                     let at = |axis: usize| w[axis][j].as_i64().unwrap();
@@ -369,6 +369,11 @@ fn mrope_positions_match_mlx_vlm() {
                 })
                 .collect();
             assert_eq!(ours, theirs, "{arch} layout {i}");
+            assert_eq!(
+                mrope_delta(&ours),
+                want[arch][i]["delta"].as_i64().unwrap(),
+                "{arch} layout {i}: rope delta"
+            );
         }
         eprintln!(
             "qwen-vision mrope {arch}: {} layouts identical to mlx-vlm's get_rope_index",

@@ -48,7 +48,8 @@ pub use report::{
     VerifyOptions,
 };
 pub use rope::{
-    mrope_angles, mrope_image_positions, mrope_text_positions, ImageTokenIds, MropeStyle,
+    mrope_angles, mrope_delta, mrope_image_positions, mrope_text_positions, ImageTokenIds,
+    MropeStyle,
 };
 pub use text::{HiddenState, TextModel};
 pub use vision::{merge_image_features, VisionArch, VisionModel};

@@ -129,6 +129,13 @@ pub fn mrope_image_positions(
     Ok(out)
 }
 
+/// mlx-vlm's `rope_deltas` for a prompt's positions: `max + 1 - n`. A token appended after the
+/// prompt at index `j` (`j >= n`, decoding) takes position `j + delta` on all three axes.
+pub fn mrope_delta(positions: &[[i64; 3]]) -> i64 {
+    let max = positions.iter().flatten().copied().max().unwrap_or(-1);
+    max + 1 - positions.len() as i64
+}
+
 /// `1 / base^(arange(0, dim, 2) / dim)` computed by MLX in float32, as mlx-vlm's `compute_inv_freq`.
 pub(crate) fn inv_freq(dim: usize, base: f32) -> Result<Vec<f32>> {
     let exps = Array::arange(0.0, dim as f64, 2.0, Dtype::F32)?
@@ -290,6 +297,9 @@ mod tests {
         );
         // text resumes at the block's maximum + 1
         assert_eq!(p[9..], [[6, 6, 6], [7, 7, 7]]);
+        // 11 tokens, last position 7: the next token (index 11) takes 8 = 11 + (-3)
+        assert_eq!(mrope_delta(&p), -3);
+        assert_eq!(mrope_delta(&mrope_text_positions(4)), 0);
     }
 
     #[test]

@@ -5,7 +5,7 @@ prompts holding images, for tests/qwen_vision.rs.
     echo '{"cases": [{"ids": [...], "grids": [[1, 4, 8]]}], "merge": 2, "image_token_id": 297,
            "video_token_id": 298, "vision_start_token_id": 294}' | python tests/py/mrope_index.py
 
-Prints JSON {"<arch>": [positions of each case as [3][n] lists, ...], ...}. The method only reads
+Prints JSON {"<arch>": [{"positions": [3][n] lists, "delta": rope delta} per case], ...}. The method only reads
 `self.config`, so it runs on a stand-in object: no model is loaded.
 """
 
@@ -34,10 +34,10 @@ def main() -> int:
         for case in req["cases"]:
             ids = mx.array([case["ids"]], dtype=mx.int32)
             grids = mx.array(case["grids"], dtype=mx.int32) if case["grids"] else None
-            pos, _ = mod.LanguageModel.get_rope_index(me, ids, grids)
+            pos, delta = mod.LanguageModel.get_rope_index(me, ids, grids)
             if pos.ndim == 2:  # text only: [B, L], the same position on every axis
                 pos = mx.broadcast_to(pos[None], (3,) + pos.shape)
-            res.append(pos[:, 0, :].tolist())
+            res.append({"positions": pos[:, 0, :].tolist(), "delta": int(delta.reshape(-1)[0].item())})
         out[name] = res
     json.dump(out, sys.stdout)
     return 0
