@@ -153,7 +153,7 @@ impl QwenVisionConfig {
             num_heads: int(&["num_heads"], 16)?,
             depth: int(&["depth"], 32)?,
             out_hidden_size,
-            in_channels: int(&["in_channels"], 3)?,
+            in_channels: int(&["in_channels", "in_chans"], 3)?,
             patch_size: int(&["patch_size"], 14)?,
             temporal_patch_size: int(&["temporal_patch_size"], 2)?,
             spatial_merge_size: int(&["spatial_merge_size"], 2)?,
