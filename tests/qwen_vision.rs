@@ -606,3 +606,103 @@ fn qwen2_vl_image_prompt() {
 fn qwen2_5_vl_image_prompt() {
     image_prompt_matches("qwen2_5_vl");
 }
+
+/// The image of fixtures/qwen_vision_reference.py `pattern`: an integer formula over (x, y).
+fn formula_image(w: usize, h: usize) -> vlm_convert::verify::image::RgbImage {
+    let mut data = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            data.push(((x * 7 + y * 13) % 256) as u8);
+            data.push(((x * y + 3 * x) % 256) as u8);
+            data.push((((x ^ y) * 5) % 256) as u8);
+        }
+    }
+    vlm_convert::verify::image::RgbImage::new(w, h, data).unwrap()
+}
+
+/// Our preprocessing and vision tower against transformers' own (float32, torch; golden made by
+/// fixtures/qwen_vision_reference.py) on the bf16 conversion: an independent check of the semantics
+/// mlx-vlm and we share. Float32 must agree closely; the bf16 forward is reported.
+#[test]
+fn vision_features_match_transformers() {
+    use vlm_convert::verify::QwenImageProcessor;
+    vlm_convert::mlx::init().expect("mlx::init");
+    let t = tempfile::tempdir().unwrap();
+    for arch in ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] {
+        let golden = SafetensorsFile::open(
+            &root().join(format!("fixtures/golden/qwen_vision/{arch}.safetensors")),
+        )
+        .unwrap();
+        let dir = t.path().join(arch);
+        convert(arch, &dir, &[]);
+        for (precision, tol) in [(Precision::Float32, 1e-4f32), (Precision::Native, 0.25)] {
+            let model = QwenVision::load(&dir, precision).unwrap();
+            for (i, (w, h)) in [(60usize, 44usize), (180, 120)].into_iter().enumerate() {
+                let mut proc = QwenImageProcessor::from_dir(&dir).unwrap();
+                let max = read_grid_i32(&golden, &format!("image{i}.max_pixels"))[0];
+                if max > 0 {
+                    proc.max_pixels = max as usize;
+                }
+                let px = proc.preprocess(&formula_image(w, h)).unwrap();
+                let grid = read_grid(&golden, &format!("image{i}.grid_thw"));
+                assert_eq!(vec![px.grid_thw], grid, "{arch} image {i}");
+                let ours = model.features(&px.data, &grid).unwrap();
+                let want = read_f32(&golden, &format!("image{i}.features"));
+                let mut d = max_abs_diff(&ours.data, &want);
+                for (j, ds) in ours.deepstack.iter().enumerate() {
+                    let wd = read_f32(&golden, &format!("image{i}.deepstack.{j}"));
+                    d = d.max(max_abs_diff(ds, &wd));
+                }
+                let run = match precision {
+                    Precision::Float32 => "float32",
+                    Precision::Native => "bf16",
+                };
+                eprintln!(
+                    "qwen-vision vs transformers f32 {arch:11} {run:7} image{i} grid {grid:?} max|diff| {d:.3e} (tol {tol:.0e})"
+                );
+                assert!(d <= tol, "{arch} {run} image {i}: {d:e} from transformers");
+            }
+        }
+    }
+}
+
+fn read_grid_i32(file: &SafetensorsFile, name: &str) -> Vec<i32> {
+    let info = file.tensors.get(name).expect(name);
+    file.data(info)
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Known difference, left to `verify::image::resize` (another part of the project): a resize that
+/// grows one axis and shrinks the other (56x40 -> 64x32 here, which smart_resize picks for a 56x40
+/// image) differs from Pillow's by up to 12 levels on about 1200 of 6144 values; every other
+/// direction (both grow, both shrink, width shrinks and height grows) is byte-identical. Run with
+/// `--ignored`.
+#[test]
+#[ignore = "verify::image::resize differs from Pillow when the width grows and the height shrinks"]
+fn mixed_direction_resize_matches_transformers() {
+    use vlm_convert::verify::QwenImageProcessor;
+    let t = tempfile::tempdir().unwrap();
+    let img = formula_image(56, 40);
+    let f = t.path().join("img.png");
+    img.save_png(&f).unwrap();
+    let out = t.path().join("want.safetensors");
+    let res = std::process::Command::new(python())
+        .arg(root().join("tests/py/qwen_processor.py"))
+        .args(["--model", s(&fixture("qwen2_vl")), "--out", s(&out), s(&f)])
+        .output()
+        .unwrap();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let want = SafetensorsFile::open(&out).unwrap();
+    let ours = QwenImageProcessor::from_dir(&fixture("qwen2_vl"))
+        .unwrap()
+        .preprocess(&img)
+        .unwrap();
+    let d = max_abs_diff(&ours.data, &read_f32(&want, "image0.pixel_values"));
+    assert!(d <= 1e-6, "pixel values differ by {d:e}");
+}
