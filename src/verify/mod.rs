@@ -28,6 +28,8 @@ mod config;
 pub mod image;
 pub mod metrics;
 pub mod prompt;
+mod qwen_image;
+mod qwen_vision;
 pub mod reference;
 mod report;
 mod rope;
@@ -39,12 +41,17 @@ use std::path::PathBuf;
 
 pub use against::TensorCheck;
 pub use config::{ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig};
+pub use qwen_image::{patchify, smart_resize, QwenImageProcessor, QwenPixels};
+pub use qwen_vision::{ImageFeatures, QwenVision, QwenVisionConfig, QwenVisionKind};
 pub use reference::{RefPrompt, Reference};
 pub use report::{
     builtin_prompts, verify, LevelReport, PromptReport, Report, ThresholdOverrides, Thresholds,
     VerifyOptions,
 };
-pub use rope::{mrope_angles, mrope_text_positions, MropeStyle};
+pub use rope::{
+    mrope_angles, mrope_delta, mrope_image_positions, mrope_text_positions, ImageTokenIds,
+    MropeStyle,
+};
 pub use text::{HiddenState, TextModel};
 pub use vision::{merge_image_features, VisionArch, VisionModel};
 

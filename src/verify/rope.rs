@@ -9,7 +9,7 @@
 
 use crate::mlx::{Array, Dtype};
 
-use super::Result;
+use super::{Result, VerifyError};
 
 /// How `mrope_section` assigns frequencies to position axes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +55,89 @@ pub fn mrope_text_positions(n: usize) -> Vec<[i64; 3]> {
     (0..n as i64).map(|i| [i, i, i]).collect()
 }
 
+/// The special tokens that mark an image in a Qwen prompt: `<|vision_start|>` and the
+/// `<|image_pad|>` tokens the processor expands to one per merged patch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageTokenIds {
+    pub image_token_id: i32,
+    pub vision_start_token_id: i32,
+}
+
+/// The (t, h, w) positions of a prompt holding images, as mlx-vlm's (and transformers')
+/// `get_rope_index` computes them for Qwen2-VL, Qwen2.5-VL and Qwen3-VL: text tokens count on from
+/// the previous maximum + 1 on all three axes; an image block of `t x (h / merge) x (w / merge)`
+/// tokens takes `start + (frame, row, column)`, where `start` is where the text before it ended; the
+/// text after an image resumes at the block's maximum + 1.
+///
+/// An image is a `<|vision_start|>` immediately followed by an image token (a stray image token
+/// counts as text, as in mlx-vlm); the `k`-th image takes `grids[k]` (in patches, before the merge)
+/// and its block starts at the first image token at or after the end of the previous one.
+pub fn mrope_image_positions(
+    input_ids: &[i32],
+    tokens: ImageTokenIds,
+    grids: &[[usize; 3]],
+    spatial_merge_size: usize,
+) -> Result<Vec<[i64; 3]>> {
+    let bad = |msg: String| VerifyError::BadInput(msg);
+    let n = input_ids.len();
+    let images = input_ids
+        .windows(2)
+        .filter(|w| w[0] == tokens.vision_start_token_id && w[1] == tokens.image_token_id)
+        .count();
+    if images > grids.len() {
+        return Err(bad(format!(
+            "the prompt holds {images} images but {} image grids were given",
+            grids.len()
+        )));
+    }
+    let m = spatial_merge_size.max(1);
+    let mut out: Vec<[i64; 3]> = Vec::with_capacity(n);
+    let mut st = 0usize;
+    let mut next = 0i64;
+    for (k, &[t, h, w]) in grids.iter().enumerate().take(images) {
+        if t == 0 || h == 0 || w == 0 || h % m != 0 || w % m != 0 {
+            return Err(bad(format!(
+                "image grid {:?}: t, h, w must be positive and h, w multiples of the merge size {m}",
+                [t, h, w]
+            )));
+        }
+        let ed = input_ids
+            .get(st..)
+            .and_then(|rest| rest.iter().position(|&x| x == tokens.image_token_id))
+            .map(|p| p + st)
+            .ok_or_else(|| bad(format!("image {k} has no image token after position {st}")))?;
+        let text = (ed - st) as i64;
+        out.extend((0..text).map(|i| [next + i; 3]));
+        let (gh, gw) = (h / m, w / m);
+        let start = next + text;
+        for f in 0..t {
+            for r in 0..gh {
+                for c in 0..gw {
+                    out.push([start + f as i64, start + r as i64, start + c as i64]);
+                }
+            }
+        }
+        next = start + t.max(gh).max(gw) as i64;
+        st = ed + t * gh * gw;
+    }
+    if st > n {
+        return Err(bad(format!(
+            "the image blocks need {st} tokens but the prompt has {n}"
+        )));
+    }
+    out.extend((0..(n - st) as i64).map(|i| [next + i; 3]));
+    Ok(out)
+}
+
+/// mlx-vlm's `rope_deltas` for a prompt's positions: `max + 1 - n`. A token appended after the
+/// prompt at index `j` (`j >= n`, decoding) takes position `j + delta` on all three axes.
+pub fn mrope_delta(positions: &[[i64; 3]]) -> i64 {
+    let max = positions.iter().flatten().copied().max().unwrap_or(-1);
+    max + 1 - positions.len() as i64
+}
+
 /// `1 / base^(arange(0, dim, 2) / dim)` computed by MLX in float32, as mlx-vlm's `compute_inv_freq`.
-fn inv_freq(dim: usize, base: f32) -> Result<Vec<f32>> {
+pub(crate) fn inv_freq(dim: usize, base: f32) -> Result<Vec<f32>> {
     let exps = Array::arange(0.0, dim as f64, 2.0, Dtype::F32)?
         .divide(&Array::scalar(dim as f32, Dtype::F32)?)?;
     let inv =
@@ -187,6 +268,76 @@ mod tests {
             axis_selector(MropeStyle::Interleaved, &[24, 20, 20], 64)[58..],
             [1, 2, 0, 0, 0, 0]
         );
+    }
+
+    const IDS: ImageTokenIds = ImageTokenIds {
+        image_token_id: 9,
+        vision_start_token_id: 8,
+    };
+
+    #[test]
+    fn image_positions_follow_the_grid() {
+        // text(2) <start> image 1 x 4 x 6 (merge 2 -> 2 x 3 tokens) <end> text(1)
+        let mut ids = vec![1, 2, 8];
+        ids.extend([9; 6]);
+        ids.extend([7, 3]);
+        let p = mrope_image_positions(&ids, IDS, &[[1, 4, 6]], 2).unwrap();
+        assert_eq!(p.len(), ids.len());
+        assert_eq!(p[..3], [[0, 0, 0], [1, 1, 1], [2, 2, 2]]);
+        assert_eq!(
+            p[3..9],
+            [
+                [3, 3, 3],
+                [3, 3, 4],
+                [3, 3, 5],
+                [3, 4, 3],
+                [3, 4, 4],
+                [3, 4, 5]
+            ]
+        );
+        // text resumes at the block's maximum + 1
+        assert_eq!(p[9..], [[6, 6, 6], [7, 7, 7]]);
+        // 11 tokens, last position 7: the next token (index 11) takes 8 = 11 + (-3)
+        assert_eq!(mrope_delta(&p), -3);
+        assert_eq!(mrope_delta(&mrope_text_positions(4)), 0);
+    }
+
+    #[test]
+    fn consecutive_images_and_frames() {
+        // <start> img(1x2x2 -> 1 token) <start> img(2 x 2 x 4 -> 2 frames of 1 x 2)
+        let ids = [8, 9, 8, 9, 9, 9, 9];
+        let p = mrope_image_positions(&ids, IDS, &[[1, 2, 2], [2, 2, 4]], 2).unwrap();
+        assert_eq!(
+            p,
+            [
+                [0, 0, 0],
+                [1, 1, 1],
+                [2, 2, 2],
+                [3, 3, 3],
+                [3, 3, 4],
+                [4, 3, 3],
+                [4, 3, 4]
+            ]
+        );
+    }
+
+    #[test]
+    fn text_only_and_errors() {
+        assert_eq!(
+            mrope_image_positions(&[1, 2, 3], IDS, &[], 2).unwrap(),
+            mrope_text_positions(3)
+        );
+        // a stray image token without <start> is text
+        assert_eq!(
+            mrope_image_positions(&[9, 9], IDS, &[], 2).unwrap(),
+            mrope_text_positions(2)
+        );
+        // more images than grids
+        assert!(mrope_image_positions(&[8, 9], IDS, &[], 2).is_err());
+        // a block running past the end
+        assert!(mrope_image_positions(&[8, 9], IDS, &[[1, 4, 4]], 2).is_err());
+        // a grid the merge does not divide
+        assert!(mrope_image_positions(&[8, 9], IDS, &[[1, 3, 2]], 2).is_err());
     }
 
     #[test]
