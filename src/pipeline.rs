@@ -384,25 +384,15 @@ fn write_shards(
     } else {
         vec![(None, jobs.iter().collect())]
     };
-    // Each shard is hashed by a thread that follows its written prefix while the conversion runs;
-    // after the conversion, the fsyncs wait on the disk in their own threads (costing no CPU).
+    // Each shard is followed by a thread while the conversion runs: it starts the disk write-back of
+    // the written prefix and hashes it. After the conversion, the fsyncs wait for the rest in their
+    // own threads (costing no CPU).
     let failed = AtomicBool::new(false);
     let stop = || spec.cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
     let (converted, synced, digests) = std::thread::scope(|scope| {
         let hashers: Vec<_> = writers
             .iter()
-            .map(|w| {
-                scope.spawn(|| {
-                    if spec.hash_outputs {
-                        provenance::sha256_following(w, &stop)
-                    } else {
-                        Ok(FileDigest {
-                            size: w.len(),
-                            sha256: None,
-                        })
-                    }
-                })
-            })
+            .map(|w| scope.spawn(|| provenance::follow_shard(w, spec.hash_outputs, &stop)))
             .collect();
         let converted = (|| -> Result<()> {
             for (shard, batch) in &batches {

@@ -23,7 +23,7 @@
 //! `hf download --local-dir` keeps huggingface_hub's record of each file's etag, which is the sha256
 //! of an LFS file (`"hf_download_metadata"`), also free while the file is unmodified. Other inputs are hashed
 //! while the conversion runs (rayon tasks beside the conversion's); each output shard by a thread
-//! that follows its written prefix during the conversion ([`sha256_following`]), the other outputs
+//! that follows its written prefix during the conversion ([`follow_shard`]), the other outputs
 //! after they are written. The `sha2` crate uses the SHA-NI
 //! instructions when the CPU has them (runtime detection).
 
@@ -339,17 +339,23 @@ pub fn digest_inputs(
     Ok(digests.into_iter().collect())
 }
 
-/// sha256 of a shard while it is being written: hashes the written prefix as it grows (see
-/// [`ShardWriter::wait_prefix`]), so that hashing overlaps the conversion instead of re-reading the
-/// whole file afterwards. The conversion writes in file order, so the prefix follows close behind.
-/// Gives up with [`Error::Interrupted`] when `stop()` says so.
-pub fn sha256_following(w: &ShardWriter, stop: Stop) -> Result<FileDigest> {
+/// Follows a shard while it is being written (see [`ShardWriter::wait_prefix`]): starts the disk
+/// write-back of each newly completed stretch, and with `hash` computes the file's sha256 from it, so
+/// that hashing and disk writes overlap the conversion instead of following it. The conversion
+/// writes in file order, so the prefix follows close behind. Without `hash` the digest has the size
+/// only. Gives up with [`Error::Interrupted`] when `stop()` says so.
+pub fn follow_shard(w: &ShardWriter, hash: bool, stop: Stop) -> Result<FileDigest> {
     let f = std::fs::File::open(&w.path).map_err(|e| Error::read(&w.path, e))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; if hash { CHUNK } else { 0 }];
     let mut done = 0u64;
     while done < w.len() {
         let upto = w.wait_prefix(done, stop).ok_or(Error::Interrupted)?;
+        w.start_writeback(done, upto);
+        if !hash {
+            done = upto;
+            continue;
+        }
         while done < upto {
             let n = (upto - done).min(CHUNK as u64) as usize;
             f.read_exact_at(&mut buf[..n], done)
@@ -359,8 +365,8 @@ pub fn sha256_following(w: &ShardWriter, stop: Stop) -> Result<FileDigest> {
         }
     }
     Ok(FileDigest {
-        size: done,
-        sha256: Some(hex(&h.finalize())),
+        size: w.len(),
+        sha256: hash.then(|| hex(&h.finalize())),
     })
 }
 

@@ -674,14 +674,11 @@ fn read_grid_i32(file: &SafetensorsFile, name: &str) -> Vec<i32> {
         .collect()
 }
 
-/// Known difference, left to `verify::image::resize` (another part of the project): a resize that
-/// grows the width and shrinks the height (56x40 -> 64x32 here, which smart_resize picks for a 56x40
-/// image) differs from Pillow's by up to 12 levels on about 1200 of 6144 values. Measured with Pillow
-/// 13.0: in that case Pillow runs the vertical pass first (`resize((w, th))` then `((tw, th))` gives
-/// its bytes exactly; horizontal-first gives ours); in every other case tried it runs horizontal
-/// first, as `resize` does. Run with `--ignored`.
+/// A resize that grows the width and shrinks the height (56x40 -> 64x32 here, which smart_resize
+/// picks for a 56x40 image): Pillow 13 runs the vertical pass first in that case (measured:
+/// horizontal-first differed by up to 12 levels on about 1200 of 6144 values), and so does
+/// `verify::image::resize`.
 #[test]
-#[ignore = "verify::image::resize differs from Pillow when the width grows and the height shrinks"]
 fn mixed_direction_resize_matches_transformers() {
     use vlm_convert::verify::QwenImageProcessor;
     let t = tempfile::tempdir().unwrap();

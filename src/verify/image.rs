@@ -279,48 +279,66 @@ pub fn resize(img: &RgbImage, width: usize, height: usize, filter: Resample) -> 
     if filter == Resample::Nearest {
         return Ok(resize_nearest(img, width, height));
     }
+    // Two separable passes in Pillow's order: horizontal first, except that Pillow 13 runs the
+    // vertical pass first when the width grows while the height shrinks (measured against
+    // transformers' PIL processor: tests/qwen_vision.rs). The order changes the rounding between the
+    // passes, so it matters for byte-identical pixels.
+    let vertical_first = width > img.width && height < img.height;
     let mut cur = img.clone();
+    if vertical_first {
+        cur = resize_vertical(&cur, height, filter);
+    }
     if width != cur.width {
-        let coeffs = coefficients(cur.width, width, filter);
-        let mut out = Vec::with_capacity(width * cur.height * 3);
-        for y in 0..cur.height {
-            let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
-            for (xmin, k) in &coeffs {
-                for c in 0..3 {
-                    let mut acc: i64 = 1 << (PRECISION_BITS - 1);
-                    for (i, &kv) in k.iter().enumerate() {
-                        acc += i64::from(row[(xmin + i) * 3 + c]) * i64::from(kv);
-                    }
-                    out.push(clip8(acc));
-                }
-            }
-        }
-        cur = RgbImage {
-            width,
-            height: cur.height,
-            data: out,
-        };
+        cur = resize_horizontal(&cur, width, filter);
     }
     if height != cur.height {
-        let coeffs = coefficients(cur.height, height, filter);
-        let stride = cur.width * 3;
-        let mut out = Vec::with_capacity(stride * height);
-        for (ymin, k) in &coeffs {
-            for xc in 0..stride {
+        cur = resize_vertical(&cur, height, filter);
+    }
+    Ok(cur)
+}
+
+/// Pillow's horizontal pass (8-bit fixed point, rounded and clipped per pixel).
+fn resize_horizontal(cur: &RgbImage, width: usize, filter: Resample) -> RgbImage {
+    let coeffs = coefficients(cur.width, width, filter);
+    let mut out = Vec::with_capacity(width * cur.height * 3);
+    for y in 0..cur.height {
+        let row = &cur.data[y * cur.width * 3..(y + 1) * cur.width * 3];
+        for (xmin, k) in &coeffs {
+            for c in 0..3 {
                 let mut acc: i64 = 1 << (PRECISION_BITS - 1);
                 for (i, &kv) in k.iter().enumerate() {
-                    acc += i64::from(cur.data[(ymin + i) * stride + xc]) * i64::from(kv);
+                    acc += i64::from(row[(xmin + i) * 3 + c]) * i64::from(kv);
                 }
                 out.push(clip8(acc));
             }
         }
-        cur = RgbImage {
-            width: cur.width,
-            height,
-            data: out,
-        };
     }
-    Ok(cur)
+    RgbImage {
+        width,
+        height: cur.height,
+        data: out,
+    }
+}
+
+/// Pillow's vertical pass.
+fn resize_vertical(cur: &RgbImage, height: usize, filter: Resample) -> RgbImage {
+    let coeffs = coefficients(cur.height, height, filter);
+    let stride = cur.width * 3;
+    let mut out = Vec::with_capacity(stride * height);
+    for (ymin, k) in &coeffs {
+        for xc in 0..stride {
+            let mut acc: i64 = 1 << (PRECISION_BITS - 1);
+            for (i, &kv) in k.iter().enumerate() {
+                acc += i64::from(cur.data[(ymin + i) * stride + xc]) * i64::from(kv);
+            }
+            out.push(clip8(acc));
+        }
+    }
+    RgbImage {
+        width: cur.width,
+        height,
+        data: out,
+    }
 }
 
 /// Pillow's nearest-neighbour resize: source pixel `floor((x + 0.5) * in / out)`.
