@@ -14,7 +14,15 @@ use vlm_convert::quant::isa::Isa;
 use vlm_convert::quant::{quantize_isa, quantized_sizes, QuantSpec};
 
 const K: usize = 1536;
-const BYTES: usize = 21_000 * K * 2; // about 64 MB of whole rows
+/// About 64 MB of whole rows; `cargo test --all-targets` runs this file too (without `--bench`), and
+/// then a few rows only check that it works.
+fn rows() -> usize {
+    if std::env::args().any(|a| a == "--bench") {
+        21_000
+    } else {
+        64
+    }
+}
 
 fn data() -> Vec<u8> {
     // SplitMix64 -> a normal-ish bf16 (sum of uniforms), like trained weights.
@@ -26,8 +34,9 @@ fn data() -> Vec<u8> {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     };
-    let mut out = Vec::with_capacity(BYTES);
-    while out.len() < BYTES {
+    let bytes = rows() * K * 2;
+    let mut out = Vec::with_capacity(bytes);
+    while out.len() < bytes {
         let r = next();
         let u = |x: u64| (x & 0xFFFF) as f32 / 65536.0 - 0.5;
         let v = (u(r) + u(r >> 16) + u(r >> 32) + u(r >> 48)) * 0.04;
@@ -52,7 +61,7 @@ fn median_gbps(bytes: usize, mut f: impl FnMut()) -> f64 {
 fn main() {
     let src = data();
     let rows = src.len() / (K * 2);
-    println!("input: {} MiB bf16, rows of {K}", src.len() >> 20);
+    println!("input: {:.1} MB bf16, rows of {K}", src.len() as f64 / 1e6);
     for bits in [4u32, 8] {
         let spec = QuantSpec::new(bits, 64).expect("valid spec");
         let (wb, sb, bb) = quantized_sizes(rows, K, spec, DType::BF16);

@@ -172,7 +172,10 @@ impl QwenVisionConfig {
                 _ => None,
             },
         };
-        if cfg.num_heads == 0 || cfg.hidden_size % cfg.num_heads != 0 || cfg.head_dim() % 4 != 0 {
+        if cfg.num_heads == 0
+            || !cfg.hidden_size.is_multiple_of(cfg.num_heads)
+            || !cfg.head_dim().is_multiple_of(4)
+        {
             return Err(err(format!(
                 "vision_config: width {} over {} heads does not give a head size divisible by 4 \
                  (2-D rotary positions need it)",

@@ -271,7 +271,7 @@ impl VisionModel {
         let image_size = get_usize(vc, "image_size").unwrap_or(224);
         let patch_size = get_usize(vc, "patch_size").unwrap_or(14);
         let heads = get_usize(vc, "num_attention_heads").unwrap_or(16);
-        if patch_size == 0 || image_size % patch_size != 0 || heads == 0 {
+        if patch_size == 0 || !image_size.is_multiple_of(patch_size) || heads == 0 {
             return Err(cerr(format!(
                 "vision image_size {image_size} / patch_size {patch_size} / {heads} heads"
             )));
@@ -460,7 +460,7 @@ impl VisionModel {
                 let dtype = h.dtype()?;
                 let grid = self.image_size / self.patch_size;
                 let side = (*tokens_per_image as f64).sqrt() as usize;
-                if side == 0 || side * side != *tokens_per_image || grid % side != 0 {
+                if side == 0 || side * side != *tokens_per_image || !grid.is_multiple_of(side) {
                     return Err(VerifyError::BadInput(format!(
                         "mm_tokens_per_image {tokens_per_image} does not pool a {grid}x{grid} patch grid"
                     )));
