@@ -384,15 +384,18 @@ fn write_shards(
     } else {
         vec![(None, jobs.iter().collect())]
     };
-    // Each shard is followed by a thread while the conversion runs: it starts the disk write-back of
-    // the written prefix and hashes it. After the conversion, the fsyncs wait for the rest in their
-    // own threads (costing no CPU).
+    // Each shard is followed by two threads while the conversion runs: one starts the disk write-back
+    // of the written prefix, one hashes it. After the conversion, the fsyncs wait for the rest in
+    // their own threads (costing no CPU).
     let failed = AtomicBool::new(false);
     let stop = || spec.cancel.load(Ordering::Relaxed) || failed.load(Ordering::Relaxed);
     let (converted, synced, digests) = std::thread::scope(|scope| {
         let hashers: Vec<_> = writers
             .iter()
-            .map(|w| scope.spawn(|| provenance::follow_shard(w, spec.hash_outputs, &stop)))
+            .map(|w| {
+                scope.spawn(|| w.write_back_as_written(&stop));
+                scope.spawn(|| provenance::follow_shard(w, spec.hash_outputs, &stop))
+            })
             .collect();
         let converted = (|| -> Result<()> {
             for (shard, batch) in &batches {

@@ -339,23 +339,24 @@ pub fn digest_inputs(
     Ok(digests.into_iter().collect())
 }
 
-/// Follows a shard while it is being written (see [`ShardWriter::wait_prefix`]): starts the disk
-/// write-back of each newly completed stretch, and with `hash` computes the file's sha256 from it, so
-/// that hashing and disk writes overlap the conversion instead of following it. The conversion
-/// writes in file order, so the prefix follows close behind. Without `hash` the digest has the size
-/// only. Gives up with [`Error::Interrupted`] when `stop()` says so.
+/// Follows a shard while it is being written (see [`ShardWriter::wait_prefix`]) and, with `hash`,
+/// computes the file's sha256 from each newly completed stretch, so that hashing overlaps the
+/// conversion instead of re-reading the file afterwards. The conversion writes in file order, so the
+/// prefix follows close behind. Without `hash` the digest has the size only. Gives up with
+/// [`Error::Interrupted`] when `stop()` says so.
 pub fn follow_shard(w: &ShardWriter, hash: bool, stop: Stop) -> Result<FileDigest> {
+    if !hash {
+        return Ok(FileDigest {
+            size: w.len(),
+            sha256: None,
+        });
+    }
     let f = std::fs::File::open(&w.path).map_err(|e| Error::read(&w.path, e))?;
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; if hash { CHUNK } else { 0 }];
+    let mut buf = vec![0u8; CHUNK];
     let mut done = 0u64;
     while done < w.len() {
         let upto = w.wait_prefix(done, stop).ok_or(Error::Interrupted)?;
-        w.start_writeback(done, upto);
-        if !hash {
-            done = upto;
-            continue;
-        }
         while done < upto {
             let n = (upto - done).min(CHUNK as u64) as usize;
             f.read_exact_at(&mut buf[..n], done)
@@ -366,7 +367,7 @@ pub fn follow_shard(w: &ShardWriter, hash: bool, stop: Stop) -> Result<FileDiges
     }
     Ok(FileDigest {
         size: w.len(),
-        sha256: hash.then(|| hex(&h.finalize())),
+        sha256: Some(hex(&h.finalize())),
     })
 }
 

@@ -538,6 +538,21 @@ impl ShardWriter {
         let _ = (start, end);
     }
 
+    /// Starts the write-back of each stretch of the file as soon as it is written, until the whole
+    /// file was handed to the disk or `stop()` says so. Run in a thread of its own:
+    /// `sync_file_range` can block while the disk's queue is full, and nothing else should wait on it
+    /// (the hasher following the same prefix did, when it also started the write-back).
+    pub fn write_back_as_written(&self, stop: &dyn Fn() -> bool) {
+        let mut done = 0;
+        while done < self.len {
+            let Some(upto) = self.wait_prefix(done, stop) else {
+                return;
+            };
+            self.start_writeback(done, upto);
+            done = upto;
+        }
+    }
+
     /// Flushes the file to disk.
     pub fn sync(&self) -> Result<()> {
         self.file
