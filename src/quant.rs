@@ -291,17 +291,7 @@ pub fn quantize(
     scales_out: &mut [u8],
     biases_out: &mut [u8],
 ) -> Result<(), QuantError> {
-    quantize_isa(
-        Isa::active(),
-        src,
-        dtype,
-        k,
-        spec,
-        weight_out,
-        scales_out,
-        biases_out,
-    )
-    .map(|_| ())
+    quantize_finite(src, dtype, k, spec, weight_out, scales_out, biases_out).map(|_| ())
 }
 
 /// [`quantize`], also telling whether every element was finite (`false`: some NaN or infinity).

@@ -49,14 +49,6 @@ fn transformers_pixels(arch: &str, image: &Path, tmp: &Path) -> (Vec<f32>, Vec<u
     (px, f.data(&f.tensors["rgb"]).to_vec())
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "sizes differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn matches_transformers(arch: &str) {
     let t = tempfile::tempdir().unwrap();
     let proc = ImageProcessor::from_dir(&fixture(arch)).unwrap();

@@ -22,17 +22,6 @@ const NATIVE_TOL: f32 = 1e-2;
 /// Max |diff| in float32. Measured: 0.
 const F32_TOL: f32 = 1e-4;
 
-fn read_f32(file: &SafetensorsFile, name: &str) -> Vec<f32> {
-    let info = file
-        .tensors
-        .get(name)
-        .unwrap_or_else(|| panic!("{}: no tensor {name}", file.path.display()));
-    file.data(info)
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
 fn read_grid(file: &SafetensorsFile, name: &str) -> Vec<[usize; 3]> {
     let info = file.tensors.get(name).expect("grid_thw");
     let v: Vec<usize> = file
@@ -41,26 +30,6 @@ fn read_grid(file: &SafetensorsFile, name: &str) -> Vec<[usize; 3]> {
         .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .collect();
     v.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "feature sizes differ");
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
-        let d = (x - y).abs();
-        if d.is_nan() {
-            f32::INFINITY
-        } else {
-            m.max(d)
-        }
-    })
-}
-
-fn convert(name: &str, out: &Path, flags: &[&str]) {
-    let src = fixture(name);
-    let mut args = vec!["--hf-path", s(&src), "--mlx-path", s(out), "--quiet"];
-    args.extend_from_slice(flags);
-    let (code, _, stderr) = run(&args);
-    assert_eq!(code, 0, "{name} {flags:?}: {stderr}");
 }
 
 /// Runs tests/py/qwen_vision.py on `dir`; returns the cases file.
@@ -144,10 +113,10 @@ fn tower_matches(arch: &str) {
     vlm_convert::mlx::init().expect("mlx::init");
     let t = tempfile::tempdir().unwrap();
     let plain = t.path().join("bf16");
-    convert(arch, &plain, &[]);
+    convert_fixture(arch, &plain, &[]);
     compare_dir(arch, "bf16", &plain, t.path());
     let q4 = t.path().join("q4");
-    convert(arch, &q4, &["-q", "--q-bits", "4", "--q-group-size", "64"]);
+    convert_fixture(arch, &q4, &["-q", "--q-bits", "4", "--q-group-size", "64"]);
     compare_dir(arch, "q4", &q4, t.path());
 }
 
@@ -172,7 +141,7 @@ fn bad_inputs_and_pytorch_layout() {
     vlm_convert::mlx::init().expect("mlx::init");
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("m");
-    convert("qwen2_vl", &out, &[]);
+    convert_fixture("qwen2_vl", &out, &[]);
     let m = QwenVision::load(&out, Precision::Native).unwrap();
     let k = m.config().patch_len();
     // grid not a multiple of the merge size
@@ -222,7 +191,7 @@ fn planted_vision_bugs_are_seen() {
     vlm_convert::mlx::init().expect("mlx::init");
     let t = tempfile::tempdir().unwrap();
     let good = t.path().join("good");
-    convert("qwen2_5_vl", &good, &[]);
+    convert_fixture("qwen2_5_vl", &good, &[]);
     let cases = mlx_vlm_cases(&good, &t.path().join("cases.safetensors"));
     let pv = read_f32(&cases, "case1.pixel_values");
     let grid = read_grid(&cases, "case1.grid_thw");
@@ -539,7 +508,7 @@ fn image_prompt_matches(arch: &str) {
         ("q4", &["-q", "--q-bits", "4", "--q-group-size", "64"][..]),
     ] {
         let dir = t.path().join(conversion);
-        convert(arch, &dir, flags);
+        convert_fixture(arch, &dir, flags);
         for (precision, upcast, tol) in [
             (Precision::Native, false, NATIVE_TOL),
             (Precision::Float32, true, F32_TOL),
@@ -634,7 +603,7 @@ fn vision_features_match_transformers() {
         )
         .unwrap();
         let dir = t.path().join(arch);
-        convert(arch, &dir, &[]);
+        convert_fixture(arch, &dir, &[]);
         for (precision, tol) in [(Precision::Float32, 1e-4f32), (Precision::Native, 0.25)] {
             let model = QwenVision::load(&dir, precision).unwrap();
             for (i, (w, h)) in [(60usize, 44usize), (180, 120)].into_iter().enumerate() {

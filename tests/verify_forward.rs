@@ -23,42 +23,12 @@ const NATIVE_TOL: f32 = 1e-2;
 /// Max |diff| allowed in float32. Measured: 0 for every run in this file.
 const F32_TOL: f32 = 1e-4;
 
-fn read_f32(file: &SafetensorsFile, name: &str) -> Vec<f32> {
-    let info = file
-        .tensors
-        .get(name)
-        .unwrap_or_else(|| panic!("{}: no tensor {name}", file.path.display()));
-    file.data(info)
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
 fn read_i32(file: &SafetensorsFile, name: &str) -> Vec<i32> {
     let info = file.tensors.get(name).expect("input_ids");
     file.data(info)
         .chunks_exact(4)
         .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "logits sizes differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(
-            0.0f32,
-            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-        )
-}
-
-fn convert(name: &str, out: &Path, flags: &[&str]) {
-    let src = fixture(name);
-    let mut args = vec!["--hf-path", s(&src), "--mlx-path", s(out), "--quiet"];
-    args.extend_from_slice(flags);
-    let (code, _, stderr) = run(&args);
-    assert_eq!(code, 0, "{name} {flags:?}: {stderr}");
 }
 
 /// mlx-vlm's float32 forward (`fixtures/mlx_forward.py --upcast`) on a converted directory.
@@ -97,7 +67,7 @@ fn forward_matches(arch: &str) {
     let t = tempfile::tempdir().unwrap();
 
     let plain = t.path().join("plain");
-    convert(arch, &plain, &[]);
+    convert_fixture(arch, &plain, &[]);
     let m = TextModel::load(&plain, Precision::Native).unwrap();
     let n = ids.len();
     let logits = m.logits(&ids).unwrap();
@@ -119,7 +89,7 @@ fn forward_matches(arch: &str) {
     );
 
     let q4 = t.path().join("q4");
-    convert(arch, &q4, &["-q", "--q-bits", "4", "--q-group-size", "64"]);
+    convert_fixture(arch, &q4, &["-q", "--q-bits", "4", "--q-group-size", "64"]);
     let mq = TextModel::load(&q4, Precision::Native).unwrap();
     check(
         arch,
@@ -195,7 +165,7 @@ fn bad_prompts_are_errors() {
     vlm_convert::mlx::init().expect("mlx::init");
     let t = tempfile::tempdir().unwrap();
     let out = t.path().join("m");
-    convert("qwen2_vl", &out, &[]);
+    convert_fixture("qwen2_vl", &out, &[]);
     let m = TextModel::load(&out, Precision::Native).unwrap();
     assert!(matches!(m.logits(&[]), Err(VerifyError::BadInput(_))));
     let vocab = m.vocab_size() as i32;
@@ -256,7 +226,7 @@ mx.save_safetensors(sys.argv[4], {"logits": logits}, metadata={"format": "mlx"})
     for arch in ["qwen2_vl", "qwen3_vl"] {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("m");
-        convert(arch, &dir, &[]);
+        convert_fixture(arch, &dir, &[]);
         for precision in [Precision::Native, Precision::Float32] {
             let m = TextModel::load(&dir, precision).unwrap();
             let ours = m.logits_at(&ids, Some(&pos)).unwrap();
@@ -385,7 +355,7 @@ save()
     ] {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("m");
-        convert("paligemma", &dir, flags);
+        convert_fixture("paligemma", &dir, flags);
         edit_with_python(&dir, &edit, mask);
         let m = TextModel::load(&dir, Precision::Native).unwrap();
         assert_eq!(m.arch().family, "gemma2");
@@ -409,7 +379,7 @@ save()
     let golden = root().join("fixtures/golden/mlx_vlm/gemma3.logits.safetensors");
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("m");
-    convert("gemma3", &dir, &[]);
+    convert_fixture("gemma3", &dir, &[]);
     edit_with_python(&dir, &edit, "5");
     let m = TextModel::load(&dir, Precision::Native).unwrap();
     assert_eq!(m.arch().layers[0].sliding_window, Some(5));
@@ -451,9 +421,9 @@ save()
     let golden = root().join("fixtures/golden/mlx_vlm/qwen2_vl.logits.safetensors");
     let t = tempfile::tempdir().unwrap();
     let plain = t.path().join("plain");
-    convert("qwen2_vl", &plain, &[]);
+    convert_fixture("qwen2_vl", &plain, &[]);
     let dir = t.path().join("mixed");
-    convert("qwen2_vl", &dir, &["-q"]);
+    convert_fixture("qwen2_vl", &dir, &["-q"]);
     edit_with_python(&dir, &edit, s(&plain));
     matches_live("qwen2_vl mixed 4/8/float", &dir, &golden, t.path());
 }
@@ -471,7 +441,7 @@ fn other_dtypes_match_mlx_vlm() {
         let golden = root().join(format!("fixtures/golden/mlx_vlm/{arch}.logits.safetensors"));
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("m");
-        convert(arch, &dir, &["--dtype", dtype]);
+        convert_fixture(arch, &dir, &["--dtype", dtype]);
         matches_live(&format!("{arch} {dtype}"), &dir, &golden, t.path());
     }
 }

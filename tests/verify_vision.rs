@@ -24,36 +24,6 @@ use vlm_convert::verify::{Precision, TextModel, VisionModel};
 const NATIVE_TOL: f32 = 2e-2;
 const F32_TOL: f32 = 1e-4;
 
-fn read_f32(file: &SafetensorsFile, name: &str) -> Vec<f32> {
-    let info = file
-        .tensors
-        .get(name)
-        .unwrap_or_else(|| panic!("{}: no tensor {name}", file.path.display()));
-    file.data(info)
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "sizes differ");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(
-            0.0f32,
-            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
-        )
-}
-
-fn convert(name: &str, out: &Path, flags: &[&str]) {
-    let src = fixture(name);
-    let mut args = vec!["--hf-path", s(&src), "--mlx-path", s(out), "--quiet"];
-    args.extend_from_slice(flags);
-    let (code, _, stderr) = run(&args);
-    assert_eq!(code, 0, "{name} {flags:?}: {stderr}");
-}
-
 fn save_pixels(px: &PixelValues, path: &Path) {
     let bytes: Vec<u8> = px.data.iter().flat_map(|v| v.to_le_bytes()).collect();
     let view =
@@ -135,7 +105,7 @@ fn vision_matches(arch: &str) {
         ),
     ] {
         let dir = t.path().join(run_name);
-        convert(arch, &dir, flags);
+        convert_fixture(arch, &dir, flags);
         let proc = ImageProcessor::from_dir(&dir).unwrap();
         let px = proc.preprocess(&RgbImage::synthetic()).unwrap();
         let pixels = t.path().join(format!("{run_name}-px.safetensors"));
@@ -203,7 +173,7 @@ fn unsupported_vision_paths_say_so() {
     vlm_convert::mlx::init().unwrap();
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("m");
-    convert("qwen2_vl", &dir, &[]);
+    convert_fixture("qwen2_vl", &dir, &[]);
     let e = VisionModel::load(&dir, Precision::Native).err().unwrap();
     assert!(
         matches!(e, vlm_convert::verify::VerifyError::Unsupported(_)),

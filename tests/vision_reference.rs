@@ -24,13 +24,6 @@ use vlm_convert::verify::image::{ImageProcessor, PixelValues, RgbImage};
 use vlm_convert::verify::prompt::PromptBuilder;
 use vlm_convert::verify::{Precision, TextModel, VisionModel};
 
-fn read_f32(file: &SafetensorsFile, name: &str) -> Vec<f32> {
-    file.data(&file.tensors[name])
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect()
-}
-
 fn read_i64(file: &SafetensorsFile, name: &str) -> Vec<i64> {
     file.data(&file.tensors[name])
         .chunks_exact(8)

@@ -236,3 +236,36 @@ macro_rules! for_each_fixture {
         );
     };
 }
+
+/// Converts fixture `name` into `out` with the real binary and `flags`; fails the test on a non-zero exit.
+pub fn convert_fixture(name: &str, out: &Path, flags: &[&str]) {
+    let src = fixture(name);
+    let mut args = vec!["--hf-path", s(&src), "--mlx-path", s(out), "--quiet"];
+    args.extend_from_slice(flags);
+    let (code, _, stderr) = run(&args);
+    assert_eq!(code, 0, "{name} {flags:?}: {stderr}");
+}
+
+/// A float32 tensor of a safetensors file, as a vector.
+pub fn read_f32(file: &SafetensorsFile, name: &str) -> Vec<f32> {
+    let info = file
+        .tensors
+        .get(name)
+        .unwrap_or_else(|| panic!("{}: no tensor {name}", file.path.display()));
+    file.data(info)
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// Max |a - b|, infinite if any difference is NaN (so a NaN never passes a tolerance).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "sizes differ");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(
+            0.0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        )
+}
