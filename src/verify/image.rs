@@ -341,6 +341,32 @@ fn resize_vertical(cur: &RgbImage, height: usize, filter: Resample) -> RgbImage 
     }
 }
 
+/// The image processor settings of a checkpoint directory and the file they came from:
+/// `preprocessor_config.json`, else the `image_processor` entry of `processor_config.json`.
+pub(crate) fn processor_config(dir: &Path) -> Result<(PathBuf, Value)> {
+    let pre = dir.join("preprocessor_config.json");
+    if pre.exists() {
+        let v = read_json(&pre)?;
+        return Ok((pre, v));
+    }
+    let proc_path = dir.join("processor_config.json");
+    if !proc_path.exists() {
+        return Err(VerifyError::Unsupported(format!(
+            "{}: no preprocessor_config.json or processor_config.json, so the image preprocessing \
+             is unknown",
+            dir.display()
+        )));
+    }
+    let v = read_json(&proc_path)?;
+    let ip = v.get("image_processor").cloned().ok_or_else(|| {
+        VerifyError::Unsupported(format!(
+            "{}: no `image_processor` entry",
+            proc_path.display()
+        ))
+    })?;
+    Ok((proc_path, ip))
+}
+
 /// Pillow's nearest-neighbour resize: source pixel `floor((x + 0.5) * in / out)`.
 fn resize_nearest(img: &RgbImage, width: usize, height: usize) -> RgbImage {
     let sx = img.width as f64 / width as f64;
@@ -437,27 +463,7 @@ impl ImageProcessor {
     /// Reads `preprocessor_config.json` in `dir` (else the `image_processor` entry of
     /// `processor_config.json`, transformers 5's layout).
     pub fn from_dir(dir: &Path) -> Result<ImageProcessor> {
-        let pre = dir.join("preprocessor_config.json");
-        let (path, value) = if pre.exists() {
-            (pre.clone(), read_json(&pre)?)
-        } else {
-            let proc_path = dir.join("processor_config.json");
-            if !proc_path.exists() {
-                return Err(VerifyError::Unsupported(format!(
-                    "{}: no preprocessor_config.json or processor_config.json, so the image preprocessing \
-                     is unknown",
-                    dir.display()
-                )));
-            }
-            let v = read_json(&proc_path)?;
-            let ip = v.get("image_processor").cloned().ok_or_else(|| {
-                VerifyError::Unsupported(format!(
-                    "{}: no `image_processor` entry",
-                    proc_path.display()
-                ))
-            })?;
-            (proc_path, ip)
-        };
+        let (path, value) = processor_config(dir)?;
         ImageProcessor::from_config(&value, &path)
     }
 

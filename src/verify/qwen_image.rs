@@ -6,7 +6,7 @@
 //! repeated `temporal_patch_size` times and cut into patches in merge-block order: the
 //! `[N, C*T*P*P]` rows and the `(1, h, w)` grid [`super::QwenVision`] takes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 
@@ -116,37 +116,11 @@ pub fn patchify(
     out
 }
 
-fn read_json(path: &PathBuf) -> Result<Value> {
-    let text = std::fs::read(path).map_err(|e| crate::Error::read(path, e))?;
-    serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-        path: path.clone(),
-        msg: format!("invalid JSON: {e}"),
-    })
-}
-
 impl QwenImageProcessor {
     /// Reads `preprocessor_config.json` in `dir` (else `processor_config.json`'s `image_processor`).
     pub fn from_dir(dir: &Path) -> Result<QwenImageProcessor> {
-        let pre = dir.join("preprocessor_config.json");
-        if pre.exists() {
-            return QwenImageProcessor::from_config(&read_json(&pre)?, &pre);
-        }
-        let proc_path = dir.join("processor_config.json");
-        if !proc_path.exists() {
-            return Err(VerifyError::Unsupported(format!(
-                "{}: no preprocessor_config.json or processor_config.json, so the image preprocessing \
-                 is unknown",
-                dir.display()
-            )));
-        }
-        let v = read_json(&proc_path)?;
-        let ip = v.get("image_processor").ok_or_else(|| {
-            VerifyError::Unsupported(format!(
-                "{}: no `image_processor` entry",
-                proc_path.display()
-            ))
-        })?;
-        QwenImageProcessor::from_config(ip, &proc_path)
+        let (path, value) = super::image::processor_config(dir)?;
+        QwenImageProcessor::from_config(&value, &path)
     }
 
     /// From the parsed config, with transformers' defaults and precedence: `min_pixels`/`max_pixels`
