@@ -55,7 +55,7 @@ pub enum Command {
     },
     /// Run a converted model and compare it with reference logits or the original weights
     /// (structure level in float32, quality level as mlx-vlm runs it); PASS exits 0, FAIL exits 1.
-    Verify(VerifyArgs),
+    Verify(Box<VerifyArgs>),
     /// Validate an MLX model directory (ours or anyone's): files, index, headers, quantized shapes.
     Check {
         /// The MLX model directory.
@@ -84,6 +84,16 @@ pub struct ThresholdArgs {
     /// Greedy tokens generated per prompt (reported side by side with the reference's).
     #[arg(long = "new-tokens", value_name = "N", default_value_t = 8)]
     pub new_tokens: usize,
+    /// The image prompt's image (PNG/JPEG) [default: a built-in synthetic test image, for every
+    /// architecture with an image path].
+    #[arg(long, value_name = "FILE", conflicts_with = "no_image")]
+    pub image: Option<PathBuf>,
+    /// The image prompt's text [default: "Describe the image."].
+    #[arg(long = "prompt", value_name = "TEXT", conflicts_with = "no_image")]
+    pub prompt: Option<String>,
+    /// Text prompts only: skip the image prompt.
+    #[arg(long = "no-image")]
+    pub no_image: bool,
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +135,10 @@ Levels:
              settings and the first divergent layer
   quality    the conversion as mlx-vlm runs it vs a float32 reference: max |diff|, mean KL, top-1,
              top-5, greedy continuations
+Prompts: 3 built-in text prompts (or --prompt-ids / the reference file's), plus one image prompt
+  (--image, default a synthetic test image; --prompt TEXT) through the vision tower and projector for
+  llava, paligemma, gemma3, qwen2_vl, qwen2_5_vl, qwen3_vl; other architectures are checked on text
+  prompts and the report says so
 Exit codes: 0 PASS, 1 FAIL (or the converted model cannot run), 2 usage, 3 bad reference/source,
   4 built without MLX or an architecture the forward does not cover";
 
@@ -349,6 +363,12 @@ fn run_verify(
     t: &ThresholdArgs,
 ) -> Result<crate::verify::Report> {
     opts.new_tokens = t.new_tokens;
+    opts.image = match (&t.image, t.no_image) {
+        (_, true) => crate::verify::ImageChoice::Off,
+        (Some(p), false) => crate::verify::ImageChoice::File(p.clone()),
+        (None, false) => crate::verify::ImageChoice::Synthetic,
+    };
+    opts.image_text = t.prompt.clone();
     opts.overrides = crate::verify::ThresholdOverrides {
         max_structure_diff: t.max_structure_diff,
         max_mean_kl: t.max_kl,

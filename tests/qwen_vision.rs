@@ -472,7 +472,7 @@ fn write_prompt_inputs(path: &Path, ids: &[i32], pv: &[f32], grids: &[[usize; 3]
     write_safetensors(path, &Default::default(), &items);
 }
 
-/// The whole image prompt of Qwen2-VL and Qwen2.5-VL: our preprocessing of two images, our vision
+/// The whole image prompt of Qwen2-VL, Qwen2.5-VL and Qwen3-VL: our preprocessing of two images, our vision
 /// tower, the features merged at the `<|image_pad|>` tokens, our M-RoPE positions and our language
 /// model, against mlx-vlm's forward (`get_input_embeddings` + language model) on the same ids and
 /// pixel values, bf16 and 4-bit conversions, native and float32.
@@ -574,6 +574,13 @@ fn qwen2_vl_image_prompt() {
 #[test]
 fn qwen2_5_vl_image_prompt() {
     image_prompt_matches("qwen2_5_vl");
+}
+
+/// Qwen3-VL adds its deepstack features to the image tokens' hidden states after the first decoder
+/// layers ([`vlm_convert::verify::Deepstack`]).
+#[test]
+fn qwen3_vl_image_prompt() {
+    image_prompt_matches("qwen3_vl");
 }
 
 /// The image of fixtures/qwen_vision_reference.py `pattern`: an integer formula over (x, y).

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use vlm_convert::shard::SafetensorsFile;
-use vlm_convert::verify::{metrics, Precision, Reference, TextModel};
+use vlm_convert::verify::{metrics, Precision, Reference, TextModel, IMAGE_ARCHS};
 
 fn golden_reference(arch: &str) -> PathBuf {
     root()
@@ -99,6 +99,46 @@ fn swap_down_proj(out: &Path) {
             }
         }
     });
+}
+
+/// Vision bug: the first two vision-tower layers (blocks) swap bytes in the converted output. Returns
+/// the two name stems.
+fn swap_vision_layers(out: &Path) -> (String, String) {
+    let names: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .flat_map(|p| {
+            SafetensorsFile::open(&p)
+                .unwrap()
+                .tensors
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let stem = [".layers.", ".blocks."]
+        .iter()
+        .find_map(|k| {
+            names
+                .iter()
+                .filter(|n| n.starts_with("vision_tower."))
+                .find_map(|n| {
+                    n.find(&format!("{k}0."))
+                        .map(|i| n[..i + k.len()].to_string())
+                })
+        })
+        .expect("a vision layer 0");
+    let (a, b) = (format!("{stem}0."), format!("{stem}1."));
+    let (a2, b2) = (a.clone(), b.clone());
+    edit_tensors(out, &move |name, _, _, bytes, lookup| {
+        if name.contains(&a2) {
+            *bytes = lookup(&name.replace(&a2, &b2));
+        } else if name.contains(&b2) {
+            *bytes = lookup(&name.replace(&b2, &a2));
+        }
+    });
+    (a, b)
 }
 
 /// Bug 2: the source's layer-0 attention output projection transposed (square, so it still loads):
@@ -264,7 +304,41 @@ fn correct_conversions_pass(arch: &str) {
         );
         assert_eq!(rep["tensors"]["differing"].as_array().unwrap().len(), 0);
         assert!(rep["tensors"]["compared"].as_u64().unwrap() > 10);
+        // The image prompt (the synthetic image) runs at both levels where the architecture has an
+        // image path; elsewhere the report says the check was text-only.
         let q = &rep["quality"];
+        if IMAGE_ARCHS.contains(&arch) {
+            for level in [st, q] {
+                let last = level["prompts"].as_array().unwrap().last().unwrap();
+                assert_eq!(
+                    last["image"], "synthetic test image",
+                    "{arch} {label}: {level}"
+                );
+                assert!(last["tokens"].as_u64().unwrap() > 4);
+            }
+            let last = q["prompts"].as_array().unwrap().last().unwrap();
+            assert_eq!(last["converted_continuation"].as_array().unwrap().len(), 3);
+            assert_eq!(last["reference_continuation"].as_array().unwrap().len(), 3);
+            println!(
+                "verify {arch} {label} image prompt: {} tokens, structure max|diff| {}, quality mean KL {:.3e}, top-1 {:.2}, continuation {} vs {}",
+                last["tokens"],
+                st["prompts"].as_array().unwrap().last().unwrap()["max_abs_diff"],
+                last["mean_kl"].as_f64().unwrap(),
+                last["top1"].as_f64().unwrap(),
+                last["converted_continuation"],
+                last["reference_continuation"]
+            );
+        } else {
+            assert!(
+                rep["notes"].to_string().contains("text prompts only"),
+                "{arch}: {rep}"
+            );
+            assert!(st["prompts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["image"].is_null()));
+        }
         println!(
             "verify {arch} {label} --against: structure 0, quality mean KL <= {:.3e}, top-1 >= {:.2}, top-5 >= {:.2}",
             worst(q, "mean_kl", true),
@@ -376,6 +450,30 @@ fn planted_bugs_fail(arch: &str) {
             cfg.contains("rope") || cfg.contains("base"),
             "{arch}: config differences {cfg}"
         );
+    }
+
+    // 5. A vision bug: two vision layers swapped in the output. Only the image prompt sees it.
+    if IMAGE_ARCHS.contains(&arch) {
+        for (label, flags) in [("native", &[][..]), ("q4", &["--q-bits", "4"][..])] {
+            let out = fresh(&format!("vision-swap-{label}"), flags);
+            let (a, b) = swap_vision_layers(&out);
+            let rep = check(&format!("vision-swap-{label}"), &out, &src);
+            let ps = rep["structure"]["prompts"].as_array().unwrap();
+            let (image, text): (Vec<&Value>, Vec<&Value>) =
+                ps.iter().partition(|p| !p["image"].is_null());
+            assert_eq!(image.len(), 1, "{rep}");
+            assert_eq!(image[0]["passed"], false, "{rep}");
+            assert!(
+                text.iter()
+                    .all(|p| p["passed"] == true && p["max_abs_diff"] == 0.0),
+                "{arch}: text prompts must not see a vision bug: {rep}"
+            );
+            let d = differing(&rep);
+            assert!(
+                !d.is_empty() && d.iter().all(|n| n.contains(&a) || n.contains(&b)),
+                "{arch}: {d:?}"
+            );
+        }
     }
 
     // 3. Zeroed scales (quantized only).

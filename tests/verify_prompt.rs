@@ -1,4 +1,5 @@
-//! Image prompts built by `vlm_convert::verify::prompt::PromptBuilder` (chat template through
+//! Image prompts built by `vlm_convert::verify::Vision::prompt` (the image processor for the feature
+//! count, and `PromptBuilder`: chat template through
 //! minijinja, tokenizer through the `tokenizers` crate, image placeholder expanded to the vision
 //! model's feature count) against the input ids of the fixture's transformers processor
 //! (`tests/py/processor_ids.py`, live in the CI venv), for every fixture whose vision path we support.
@@ -7,8 +8,8 @@
 mod common;
 use common::*;
 
-use vlm_convert::verify::prompt::PromptBuilder;
-use vlm_convert::verify::{Precision, VisionModel};
+use vlm_convert::verify::image::RgbImage;
+use vlm_convert::verify::{Precision, Vision};
 
 fn processor_ids(arch: &str, text: &str) -> Vec<i32> {
     let res = std::process::Command::new(python())
@@ -36,20 +37,19 @@ fn matches_processor(arch: &str) {
     let out = t.path().join("m");
     let (code, _, err) = run(&["--hf-path", s(&dir), "--mlx-path", s(&out), "--quiet"]);
     assert_eq!(code, 0, "{err}");
-    let tokens = VisionModel::load(&out, Precision::Native)
-        .unwrap()
-        .tokens_per_image();
-    let builder = PromptBuilder::from_dir(&out, &config).unwrap();
+    let vision = Vision::load(&out, Precision::Native).unwrap();
+    // processor_ids.py's image: black, 96 x 72 (its size sets Qwen-VL's token count).
+    let black = RgbImage::new(96, 72, vec![0; 96 * 72 * 3]).unwrap();
     for text in [
         "Describe the image.",
         "What is in the top right corner? Answer briefly.",
     ] {
-        let ours = builder.image_prompt(text, tokens).unwrap();
+        let ours = vision
+            .prompt(&out, &config, &black, "black", text)
+            .unwrap()
+            .ids;
         let want = processor_ids(arch, text);
-        eprintln!(
-            "verify-prompt {arch:10} {} ids, {tokens} image tokens",
-            ours.len()
-        );
+        eprintln!("verify-prompt {arch:10} {} ids", ours.len());
         assert_eq!(
             ours, want,
             "{arch} {text:?}: ids differ from the processor's"
@@ -70,4 +70,19 @@ fn paligemma() {
 #[test]
 fn gemma3() {
     matches_processor("gemma3");
+}
+
+#[test]
+fn qwen2_vl() {
+    matches_processor("qwen2_vl");
+}
+
+#[test]
+fn qwen2_5_vl() {
+    matches_processor("qwen2_5_vl");
+}
+
+#[test]
+fn qwen3_vl() {
+    matches_processor("qwen3_vl");
 }

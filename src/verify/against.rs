@@ -1,6 +1,7 @@
 //! References computed from the original checkpoint (`verify --against SRC`, and `--verify` after a
-//! conversion): the source's language-model tensors, mapped to MLX names by the same recipe and plan
-//! the converter uses, but read straight from the source files (no cast, no quantization of ours).
+//! conversion): the source's tensors (language model, and the vision tower and projector for image
+//! prompts), mapped to MLX names by the same recipe and plan the converter uses, but read straight
+//! from the source files (no cast, no quantization of ours).
 //!
 //! Two models come out of it:
 //! - the **float** reference: the source weights as they are, run in float32 (the quality level);
@@ -24,6 +25,7 @@ use crate::recipe::Recipe;
 use crate::shard::SafetensorsFile;
 use crate::source::Source;
 
+use super::multimodal::Vision;
 use super::text::TextModel;
 use super::weights::{weight_files, QuantConfig, Store};
 use super::{Precision, Result, VerifyError};
@@ -106,14 +108,14 @@ pub(crate) struct SourceModel {
     recipe: Recipe,
     /// The config.json a float conversion of the source writes.
     config: Value,
-    /// Language-model tensors: MLX name -> (source name, permutation of a layout change).
+    /// Every planned tensor: MLX name -> (source name, permutation of a layout change).
     tensors: BTreeMap<String, (String, Option<Vec<usize>>)>,
 }
 
 /// Byte-level comparison of the converted tensors with the structural reference's.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct TensorCheck {
-    /// Language-model tensors compared.
+    /// Tensors compared (language model, vision tower, projector).
     pub compared: usize,
     /// Names whose bytes differ (in name order).
     pub differing: Vec<String>,
@@ -152,7 +154,6 @@ impl SourceModel {
         let tensors = plan
             .tensors
             .iter()
-            .filter(|t| t.name.starts_with("language_model."))
             .map(|t| {
                 (
                     t.name.clone(),
@@ -193,11 +194,21 @@ impl SourceModel {
         })
     }
 
-    /// The float reference: source weights as they are, in float32.
-    pub(crate) fn float_model(&self) -> Result<TextModel> {
+    /// The vision side over `store`, when asked for.
+    fn vision(&self, store: &Store, vision: bool) -> Result<Option<Vision>> {
+        vision
+            .then(|| Vision::from_store(&self.source.dir, &self.config, store))
+            .transpose()
+    }
+
+    /// The float reference: source weights as they are, in float32; with `vision`, the vision tower
+    /// and projector too.
+    pub(crate) fn float_model(&self, vision: bool) -> Result<(TextModel, Option<Vision>)> {
         let mut arrays = HashMap::with_capacity(self.tensors.len());
         for name in self.tensors.keys() {
-            arrays.insert(name.clone(), self.array(name)?);
+            if vision || name.starts_with("language_model.") {
+                arrays.insert(name.clone(), self.array(name)?);
+            }
         }
         let store = Store::from_arrays(
             &self.source.dir,
@@ -205,18 +216,25 @@ impl SourceModel {
             arrays,
             QuantConfig::default(),
         )?;
-        TextModel::from_store(
+        let v = self.vision(&store, vision)?;
+        let text = TextModel::from_store(
             &self.source.dir,
             Precision::Float32,
             &self.config,
             &self.recipe,
             store,
-        )
+        )?;
+        Ok((text, v))
     }
 
-    /// The structural reference for the converted directory `like` (see the module comment), and
-    /// the byte comparison of every converted language-model tensor with it.
-    pub(crate) fn structural_model(&self, like: &StoredLayout) -> Result<(TextModel, TensorCheck)> {
+    /// The structural reference for the converted directory `like` (see the module comment), with
+    /// its vision side when `vision` is set, and the byte comparison of every converted tensor with
+    /// it.
+    pub(crate) fn structural_model(
+        &self,
+        like: &StoredLayout,
+        vision: bool,
+    ) -> Result<(TextModel, Option<Vision>, TensorCheck)> {
         let mut arrays = HashMap::with_capacity(self.tensors.len() * 3);
         let mut check = TensorCheck::default();
         let compare = |name: &str, a: &Array, check: &mut TensorCheck| -> Result<()> {
@@ -282,6 +300,7 @@ impl SourceModel {
             arrays,
             like.quant.clone(),
         )?;
+        let v = self.vision(&store, vision)?;
         let model = TextModel::from_store(
             &self.source.dir,
             Precision::Float32,
@@ -289,6 +308,6 @@ impl SourceModel {
             &self.recipe,
             store,
         )?;
-        Ok((model, check))
+        Ok((model, v, check))
     }
 }

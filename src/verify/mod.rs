@@ -27,6 +27,7 @@ mod against;
 mod config;
 pub mod image;
 pub mod metrics;
+mod multimodal;
 pub mod prompt;
 mod qwen_image;
 mod qwen_vision;
@@ -41,18 +42,19 @@ use std::path::PathBuf;
 
 pub use against::TensorCheck;
 pub use config::{ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig};
+pub use multimodal::{ImagePrompt, Pixels, Vision, DEFAULT_IMAGE_TEXT, IMAGE_ARCHS};
 pub use qwen_image::{patchify, smart_resize, QwenImageProcessor, QwenPixels};
 pub use qwen_vision::{ImageFeatures, QwenVision, QwenVisionConfig, QwenVisionKind};
 pub use reference::{RefPrompt, Reference};
 pub use report::{
-    builtin_prompts, verify, LevelReport, PromptReport, Report, ThresholdOverrides, Thresholds,
-    VerifyOptions,
+    builtin_prompts, verify, ImageChoice, LevelReport, PromptReport, Report, ThresholdOverrides,
+    Thresholds, VerifyOptions,
 };
 pub use rope::{
     mrope_angles, mrope_delta, mrope_image_positions, mrope_text_positions, ImageTokenIds,
     MropeStyle,
 };
-pub use text::{HiddenState, TextModel};
+pub use text::{Deepstack, EmbedInput, HiddenState, TextModel};
 pub use vision::{merge_image_features, VisionArch, VisionModel};
 
 use crate::mlx::MlxError;

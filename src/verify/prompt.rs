@@ -6,6 +6,8 @@
 //!
 //! Per architecture (transformers' `processing_<arch>.py`):
 //! - LLaVA: the template writes `<image>`; it becomes `<image>` x N.
+//! - Qwen2-VL / Qwen2.5-VL / Qwen3-VL: the template writes `<|image_pad|>` (between the vision start
+//!   and end tokens); it becomes `<|image_pad|>` x N, N the merged patches of the image's grid.
 //! - Gemma 3: the template writes `<start_of_image>`; it becomes
 //!   `\n\n<start_of_image>` + `<image_soft_token>` x N + `<end_of_image>\n\n`.
 //! - PaliGemma (no chat template): `<image>` x N + bos + text + `\n`, tokenized without adding
@@ -183,7 +185,9 @@ impl PromptBuilder {
                 })
         };
         let placeholder = match model_type {
-            "llava" => ImagePlaceholder::Repeat {
+            // Qwen-VL templates write `<|vision_start|><|image_pad|><|vision_end|>`; the processor
+            // repeats the pad token once per merged patch.
+            "llava" | "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" => ImagePlaceholder::Repeat {
                 token: token_of(image_token_id, "image")?,
             },
             "paligemma" => ImagePlaceholder::PaliGemma {

@@ -29,7 +29,7 @@ use crate::mlx::fast::{self, Mask};
 use crate::mlx::{self, Array, Dtype};
 
 use super::rope::{inv_freq, mlx_cos, mlx_sin, mrope_image_positions, ImageTokenIds};
-use super::text::TextModel;
+use super::text::{Deepstack, EmbedInput, TextModel};
 use super::vision::merge_image_features;
 use super::weights::{Embedding, Linear, Store};
 use super::{Precision, Result, VerifyError};
@@ -343,7 +343,9 @@ impl QwenVision {
         QwenVision::from_store(dir, precision, cfg, &store)
     }
 
-    fn from_store(
+    /// The tower over tensors in a [`Store`] (a converted directory or a reference made from the
+    /// source).
+    pub(crate) fn from_store(
         dir: &Path,
         precision: Precision,
         cfg: QwenVisionConfig,
@@ -660,31 +662,24 @@ impl QwenVision {
         Ok((out, deep))
     }
 
-    /// Logits `[n, vocab]` (float32, row-major) of an image prompt, as mlx-vlm's Qwen2-VL /
-    /// Qwen2.5-VL forward runs it: the image features replace the embeddings of the image tokens in
-    /// order, and the language model runs with the M-RoPE positions of [`mrope_image_positions`].
-    /// `ids` must hold one image token per feature row (the processor's expansion). Qwen3-VL also adds
-    /// its deepstack features inside the language model, which [`TextModel`] does not do: unsupported.
-    pub fn prompt_logits(
+    /// The language model's input for an image prompt, as mlx-vlm's Qwen-VL `get_input_embeddings`
+    /// builds it: the image features replace the embeddings of the image tokens in order, the
+    /// positions are [`mrope_image_positions`], and Qwen3-VL's deepstack features go with them.
+    /// `ids` must hold one image token per feature row (the processor's expansion).
+    pub fn input(
         &self,
         text: &TextModel,
         ids: &[i32],
         pixel_values: &[f32],
         grid_thw: &[[usize; 3]],
-    ) -> Result<Vec<f32>> {
-        if self.cfg.kind == QwenVisionKind::Qwen3Vl {
-            return Err(VerifyError::Unsupported(
-                "Qwen3-VL image prompts (deepstack features enter the language model's first layers)"
-                    .into(),
-            ));
-        }
+    ) -> Result<EmbedInput> {
         let tokens = self.cfg.image_tokens.ok_or_else(|| VerifyError::Config {
             path: self.dir.join("config.json"),
             msg: "`image_token_id` / `vision_start_token_id` missing".into(),
         })?;
         let n = self.check_input(pixel_values.len(), grid_thw)?;
         let pv = Array::from_slice(pixel_values, &[n, self.cfg.patch_len()])?;
-        let (features, _) = self.forward(&pv, grid_thw)?;
+        let (features, deep) = self.forward(&pv, grid_thw)?;
         let fs = features.shape()?;
         let features = features.reshape(&[1, fs[0] as i32, fs[1] as i32])?;
         let embeds = text.embed_tokens(ids)?;
@@ -692,7 +687,33 @@ impl QwenVision {
         let merged =
             merge_image_features(ids, &embeds, &features, tokens.image_token_id, None, dtype)?;
         let positions = mrope_image_positions(ids, tokens, grid_thw, self.cfg.spatial_merge_size)?;
-        text.logits_from_embeds(ids, &merged, Some(&positions))
+        let deepstack = (!deep.is_empty()).then(|| Deepstack {
+            positions: ids
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| t == tokens.image_token_id)
+                .map(|(i, _)| i)
+                .collect(),
+            layers: deep,
+        });
+        Ok(EmbedInput {
+            embeds: merged,
+            positions: Some(positions),
+            deepstack,
+        })
+    }
+
+    /// Logits `[n, vocab]` (float32, row-major) of an image prompt, as mlx-vlm's forward runs it
+    /// (see [`QwenVision::input`]).
+    pub fn prompt_logits(
+        &self,
+        text: &TextModel,
+        ids: &[i32],
+        pixel_values: &[f32],
+        grid_thw: &[[usize; 3]],
+    ) -> Result<Vec<f32>> {
+        let input = self.input(text, ids, pixel_values, grid_thw)?;
+        Ok(text.logits_from_input(ids, &input, false)?.0)
     }
 
     fn block(

@@ -25,7 +25,9 @@ use serde_json::Value;
 use crate::recipe::Recipe;
 
 use super::against::{SourceModel, StoredLayout, TensorCheck};
+use super::image::RgbImage;
 use super::metrics::{compare, first_divergence, max_abs_diff, Agreement};
+use super::multimodal::{ImagePrompt, Vision, DEFAULT_IMAGE_TEXT, IMAGE_ARCHS};
 use super::reference::{RefPrompt, Reference};
 use super::text::{HiddenState, TextModel};
 use super::{Precision, Result, VerifyError};
@@ -82,6 +84,19 @@ pub struct ThresholdOverrides {
     pub min_top5: Option<f64>,
 }
 
+/// The image of the image prompt.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum ImageChoice {
+    /// The built-in synthetic image ([`RgbImage::synthetic`]) when the architecture has an image
+    /// path; text prompts only (with a note) when it has none.
+    #[default]
+    Synthetic,
+    /// This image file (PNG/JPEG); an architecture without an image path is an error.
+    File(PathBuf),
+    /// Text prompts only.
+    Off,
+}
+
 /// What to verify and against what.
 #[derive(Debug, Clone, Default)]
 pub struct VerifyOptions {
@@ -97,6 +112,10 @@ pub struct VerifyOptions {
     pub prompts: Vec<Vec<i32>>,
     /// Greedy tokens to generate per prompt.
     pub new_tokens: usize,
+    /// The image prompt's image.
+    pub image: ImageChoice,
+    /// The image prompt's text (default [`DEFAULT_IMAGE_TEXT`]).
+    pub image_text: Option<String>,
     pub overrides: ThresholdOverrides,
     /// Write the reference computed from `against` to this file (for later `--reference` runs).
     pub save_reference: Option<PathBuf>,
@@ -109,6 +128,9 @@ pub struct VerifyOptions {
 pub struct PromptReport {
     pub prompt: usize,
     pub tokens: usize,
+    /// The image of an image prompt (`None`: a text prompt).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     #[serde(flatten)]
     pub agreement: Agreement,
     /// Greedy continuation of the reference (quality level).
@@ -123,6 +145,16 @@ pub struct PromptReport {
     pub passed: bool,
     /// Which thresholds failed.
     pub failures: Vec<String>,
+}
+
+impl PromptReport {
+    /// `12 tokens`, or `image: synthetic test image, 40 tokens`.
+    fn describe(&self) -> String {
+        match &self.image {
+            Some(img) => format!("image: {img}, {} tokens", self.tokens),
+            None => format!("{} tokens", self.tokens),
+        }
+    }
 }
 
 /// One level's result.
@@ -205,9 +237,12 @@ struct Run {
     states: Vec<Vec<HiddenState>>,
 }
 
+/// Runs `model` on the text `prompts`, then on the image prompt when there is one (and a `vision`
+/// side to run it with).
 fn run_model(
     model: &TextModel,
     prompts: &[Vec<i32>],
+    image: Option<(&Vision, &ImagePrompt)>,
     new_tokens: usize,
     states: bool,
 ) -> Result<Run> {
@@ -222,6 +257,19 @@ fn run_model(
             (l, Vec::new(), st)
         } else {
             let (l, c) = model.greedy(ids, new_tokens)?;
+            (l, c, Vec::new())
+        };
+        out.logits.push(logits);
+        out.continuations.push(cont);
+        out.states.push(st);
+    }
+    if let Some((vision, p)) = image {
+        let input = vision.input(model, p)?;
+        let (logits, cont, st) = if states {
+            let (l, st) = model.logits_from_input(&p.ids, &input, true)?;
+            (l, Vec::new(), st)
+        } else {
+            let (l, c) = model.greedy_from_input(&p.ids, &input, new_tokens)?;
             (l, c, Vec::new())
         };
         out.logits.push(logits);
@@ -271,6 +319,7 @@ fn quality_prompt(
     PromptReport {
         prompt: i,
         tokens: reference.len() / vocab,
+        image: None,
         agreement: a,
         first_divergence: rc.and_then(|r| first_divergence(r, cc)),
         reference_continuation: rc.cloned(),
@@ -308,6 +357,60 @@ fn debug_diff<T: std::fmt::Debug>(a: &T, b: &T) -> Vec<String> {
         }
     }
     out
+}
+
+/// The image prompt for `opts`, built with the converted model's `vision` side (`None`: its
+/// architecture has no image path), or `None` with a note when there is none to run.
+fn prepare_image(
+    opts: &VerifyOptions,
+    vision: Option<&Vision>,
+    config: &Value,
+    source_dir: Option<&Path>,
+    notes: &mut Vec<String>,
+) -> Result<Option<ImagePrompt>> {
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let explicit = matches!(opts.image, ImageChoice::File(_));
+    let Some(vision) = vision else {
+        let msg = format!(
+            "the image path of `{model_type}` is not implemented yet (image prompts support {})",
+            IMAGE_ARCHS.join(", ")
+        );
+        if explicit {
+            return Err(VerifyError::Unsupported(msg));
+        }
+        if config.get("vision_config").is_some() {
+            notes.push(format!("text prompts only: {msg}"));
+        }
+        return Ok(None);
+    };
+    let (img, label) = match &opts.image {
+        ImageChoice::File(p) => (RgbImage::open(p)?, p.display().to_string()),
+        _ => (RgbImage::synthetic(), "synthetic test image".to_string()),
+    };
+    let text = opts.image_text.as_deref().unwrap_or(DEFAULT_IMAGE_TEXT);
+    // The converted directory's own processor files, as mlx-vlm would load them; the source's when
+    // the conversion lacks them (its tensors are what is verified).
+    let mut files = vec![opts.mlx_path.as_path()];
+    files.extend(source_dir);
+    let mut last = None;
+    for f in files {
+        match vision.prompt(f, config, &img, &label, text) {
+            Ok(p) => return Ok(Some(p)),
+            Err(e @ (VerifyError::Unsupported(_) | VerifyError::Input(_))) => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    let e = last.expect("at least one directory was tried");
+    if explicit {
+        return Err(e);
+    }
+    notes.push(format!(
+        "text prompts only: the image prompt cannot be built: {e}"
+    ));
+    Ok(None)
 }
 
 /// Runs the verification described by `opts`. `Err` means it could not run (bad reference file,
@@ -381,8 +484,48 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
             .unwrap_or(0),
         None => opts.new_tokens,
     };
-    let conv = run_model(&native, &prompts, new_tokens, false).map_err(|e| broken(dir, e))?;
+
+    // The image prompt: prepared once, from the converted directory's processor, tokenizer and chat
+    // template, and run by every model below.
+    let native_vision;
+    let image = if opts.image == ImageChoice::Off {
+        native_vision = None;
+        None
+    } else {
+        native_vision = if Vision::supports(&layout.config) {
+            Some(Vision::load(dir, Precision::Native).map_err(|e| broken(dir, e))?)
+        } else {
+            None
+        };
+        prepare_image(
+            opts,
+            native_vision.as_ref(),
+            &layout.config,
+            source.as_ref().map(|s| s.dir()),
+            &mut notes,
+        )?
+    };
+    let mut all_prompts = prompts.clone();
+    if let Some(p) = &image {
+        all_prompts.push(p.ids.clone());
+    }
+    let image_label = |i: usize| -> Option<String> {
+        image
+            .as_ref()
+            .filter(|_| i == prompts.len())
+            .map(|p| p.image.clone())
+    };
+
+    let conv = run_model(
+        &native,
+        &prompts,
+        native_vision.as_ref().zip(image.as_ref()),
+        new_tokens,
+        false,
+    )
+    .map_err(|e| broken(dir, e))?;
     drop(native);
+    drop(native_vision);
 
     // 2. Quality: against the file, else against the source's float weights.
     let mut quality = None;
@@ -414,6 +557,20 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
         });
     }
 
+    if let (Some(p), Some(_)) = (&image, &file_ref) {
+        notes.push(if source.is_some() {
+            format!(
+                "image prompt ({}): structure level only; the reference file holds text prompts",
+                p.image
+            )
+        } else {
+            format!(
+                "image prompt ({}): the converted vision path ran, but the reference file holds text prompts only; pass --against SRC to compare it",
+                p.image
+            )
+        });
+    }
+
     let mut structure = None;
     let mut tensors = None;
     let mut first_divergent_state = None;
@@ -424,15 +581,22 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                 opts,
                 "running the source weights in float32 (quality reference)",
             );
-            let float = src.float_model()?;
+            let (float, float_vision) = src.float_model(image.is_some())?;
             if float.vocab_size() != vocab {
                 return Err(VerifyError::BadInput(format!(
                     "the source's vocabulary is {} but the converted model's {vocab}: --against names another model",
                     float.vocab_size()
                 )));
             }
-            let fref = run_model(&float, &prompts, new_tokens, false)?;
+            let fref = run_model(
+                &float,
+                &prompts,
+                float_vision.as_ref().zip(image.as_ref()),
+                new_tokens,
+                false,
+            )?;
             drop(float);
+            drop(float_vision);
             if let Some(path) = &opts.save_reference {
                 let r = Reference {
                     vocab,
@@ -456,9 +620,10 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                 notes.push(format!("reference saved to {}", path.display()));
             }
             if quality.is_none() {
-                let ps = (0..prompts.len())
-                    .map(|i| {
-                        quality_prompt(
+                let ps = (0..all_prompts.len())
+                    .map(|i| PromptReport {
+                        image: image_label(i),
+                        ..quality_prompt(
                             i,
                             &fref.logits[i],
                             &conv.logits[i],
@@ -483,18 +648,37 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
         progress(opts, "running the conversion in float32");
         let up = TextModel::load_with_recipe(dir, Precision::Float32, &recipe)
             .map_err(|e| broken(dir, e))?;
+        let up_vision = match &image {
+            Some(_) => Some(Vision::load(dir, Precision::Float32).map_err(|e| broken(dir, e))?),
+            None => None,
+        };
         let up_cfg = (up.config().clone(), up.arch().clone());
-        let conv32 = run_model(&up, &prompts, 0, true).map_err(|e| broken(dir, e))?;
+        let conv32 = run_model(
+            &up,
+            &prompts,
+            up_vision.as_ref().zip(image.as_ref()),
+            0,
+            true,
+        )
+        .map_err(|e| broken(dir, e))?;
         drop(up);
+        drop(up_vision);
         progress(
             opts,
             "running the source through the same cast and MLX quantize-dequantize in float32",
         );
-        let (sref, check) = src.structural_model(&layout)?;
+        let (sref, sref_vision, check) = src.structural_model(&layout, image.is_some())?;
         let ref_cfg = (sref.config().clone(), sref.arch().clone());
-        let ref32 = run_model(&sref, &prompts, 0, true)?;
+        let ref32 = run_model(
+            &sref,
+            &prompts,
+            sref_vision.as_ref().zip(image.as_ref()),
+            0,
+            true,
+        )?;
         drop(sref);
-        let ps: Vec<PromptReport> = (0..prompts.len())
+        drop(sref_vision);
+        let ps: Vec<PromptReport> = (0..all_prompts.len())
             .map(|i| {
                 let a = compare(&ref32.logits[i], &conv32.logits[i], vocab);
                 let mut failures = Vec::new();
@@ -506,7 +690,8 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                 }
                 PromptReport {
                     prompt: i,
-                    tokens: prompts[i].len(),
+                    tokens: all_prompts[i].len(),
+                    image: image_label(i),
                     agreement: a,
                     reference_continuation: None,
                     converted_continuation: None,
@@ -572,9 +757,9 @@ impl Report {
             for p in &l.prompts {
                 let _ = writeln!(
                     s,
-                    "  prompt {} ({} tokens): max |logit diff| {:.3e} (limit {:.1e})  {}",
+                    "  prompt {} ({}): max |logit diff| {:.3e} (limit {:.1e})  {}",
                     p.prompt,
-                    p.tokens,
+                    p.describe(),
                     p.agreement.max_abs_diff,
                     self.thresholds.max_structure_diff,
                     if p.passed { "ok" } else { "FAIL" }
@@ -583,7 +768,7 @@ impl Report {
             if let Some(tc) = &self.tensors {
                 let _ = writeln!(
                     s,
-                    "  tensors: {} of {} language-model tensors identical to a fresh conversion of the source",
+                    "  tensors: {} of {} tensors identical to a fresh conversion of the source",
                     tc.compared - tc.differing.len() - tc.missing.len(),
                     tc.compared
                 );
@@ -610,9 +795,9 @@ impl Report {
                 let a = &p.agreement;
                 let _ = writeln!(
                     s,
-                    "  prompt {} ({} tokens): max |diff| {:.3e}, mean KL {:.3e}, top-1 {:.1}%, top-5 {:.1}%  {}",
+                    "  prompt {} ({}): max |diff| {:.3e}, mean KL {:.3e}, top-1 {:.1}%, top-5 {:.1}%  {}",
                     p.prompt,
-                    p.tokens,
+                    p.describe(),
                     a.max_abs_diff,
                     a.mean_kl,
                     a.top1 * 100.0,

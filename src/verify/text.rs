@@ -48,6 +48,61 @@ pub struct HiddenState {
     pub data: Vec<f32>,
 }
 
+/// A prompt entering the language model as input embeddings rather than token ids: an image prompt,
+/// whose image-token rows hold the vision features (see [`super::multimodal`]).
+pub struct EmbedInput {
+    /// `[1, n, hidden]`, before any embedding scale (the model applies it, as mlx-vlm's language
+    /// models do to `inputs_embeds`).
+    pub embeds: Array,
+    /// M-RoPE positions (Qwen-VL image prompts); `None`: the ordinary `0..n`.
+    pub positions: Option<Vec<[i64; 3]>>,
+    /// Qwen3-VL's deepstack features.
+    pub deepstack: Option<Deepstack>,
+}
+
+/// Qwen3-VL's deepstack: after decoder layer `k` the hidden states of the image tokens get
+/// `layers[k]` added (mlx-vlm `_deepstack_process`), for the first `layers.len()` layers.
+pub struct Deepstack {
+    /// Indices of the image tokens in the prompt.
+    pub positions: Vec<usize>,
+    /// One `[positions.len(), hidden]` array per layer.
+    pub layers: Vec<Array>,
+}
+
+impl Deepstack {
+    /// `h + rows` where the image tokens are, as `[1, n, d]` (the other rows add an exact zero).
+    fn add(&self, h: &Array, layer: usize) -> Result<Array> {
+        let Some(rows) = self.layers.get(layer) else {
+            return Ok(h.try_clone()?);
+        };
+        let s = h.shape()?;
+        let (n, d) = (s[1], s[2]);
+        let m = self.positions.len();
+        if rows.shape()? != [m, d] || self.positions.iter().any(|&p| p >= n) {
+            return Err(VerifyError::BadInput(format!(
+                "deepstack features {:?} for {m} image tokens of width {d} in {n} tokens",
+                rows.shape()?
+            )));
+        }
+        let dtype = h.dtype()?;
+        let table = mlx::concatenate(
+            &[
+                &Array::from_slice(&vec![0f32; d], &[1, d])?.astype(dtype)?,
+                &rows.astype(dtype)?,
+            ],
+            0,
+        )?;
+        let mut idx = vec![0i32; n];
+        for (k, &p) in self.positions.iter().enumerate() {
+            idx[p] = k as i32 + 1;
+        }
+        let add = table
+            .take(&Array::from_slice(&idx, &[n])?, 0)?
+            .reshape(&[1, n as i32, d as i32])?;
+        Ok(h.add(&add)?)
+    }
+}
+
 /// The language model of a converted MLX directory.
 ///
 /// Not `Send`: MLX arrays belong to the thread that made them (see [`crate::mlx::Array`]).
@@ -391,7 +446,7 @@ impl TextModel {
         positions: Option<&[[i64; 3]]>,
     ) -> Result<Vec<f32>> {
         Ok(self
-            .run_inner(ids, Some(embeds), positions, false, None)?
+            .run_inner(ids, Some(embeds), positions, None, false, None)?
             .0
             .to_vec_f32()?)
     }
@@ -403,8 +458,94 @@ impl TextModel {
         embeds: &Array,
         positions: Option<&[[i64; 3]]>,
     ) -> Result<(Vec<f32>, Vec<HiddenState>)> {
-        let (logits, states) = self.run_inner(ids, Some(embeds), positions, true, None)?;
+        let (logits, states) = self.run_inner(ids, Some(embeds), positions, None, true, None)?;
         self.collect_states(ids.len(), logits, states)
+    }
+
+    /// Logits of a prompt given as an [`EmbedInput`] (an image prompt), with the hidden states when
+    /// `states` is set.
+    pub fn logits_from_input(
+        &self,
+        ids: &[i32],
+        input: &EmbedInput,
+        states: bool,
+    ) -> Result<(Vec<f32>, Vec<HiddenState>)> {
+        let (logits, st) = self.run_inner(
+            ids,
+            Some(&input.embeds),
+            input.positions.as_deref(),
+            input.deepstack.as_ref(),
+            states,
+            None,
+        )?;
+        self.collect_states(ids.len(), logits, st)
+    }
+
+    /// [`TextModel::greedy`] for a prompt given as an [`EmbedInput`]: the prompt's logits and
+    /// `new_tokens` greedy tokens. Generated tokens enter as token embeddings; with M-RoPE they take
+    /// the positions mlx-vlm decodes with (`index + rope delta` on all axes).
+    pub fn greedy_from_input(
+        &self,
+        ids: &[i32],
+        input: &EmbedInput,
+        new_tokens: usize,
+    ) -> Result<(Vec<f32>, Vec<i32>)> {
+        let vocab = self.config.vocab_size;
+        let argmax = |l: &[f32]| super::metrics::argmax(&l[l.len() - vocab..]) as i32;
+        let cached = self.arch.causal && !self.arch.eager_attention;
+        let mut cache = KvCache {
+            layers: (0..self.layers.len()).map(|_| None).collect(),
+            offset: 0,
+        };
+        let positions = input.positions.as_deref();
+        let (logits, _) = self.run_inner(
+            ids,
+            Some(&input.embeds),
+            positions,
+            input.deepstack.as_ref(),
+            false,
+            cached.then_some(&mut cache),
+        )?;
+        let logits = logits.to_vec_f32()?;
+        let delta = positions.map(super::rope::mrope_delta);
+        let pos_of = |j: usize| -> Option<[i64; 3]> { delta.map(|d| [j as i64 + d; 3]) };
+        let mut seq = ids.to_vec();
+        let mut pos: Option<Vec<[i64; 3]>> = input.positions.clone();
+        let mut embeds = input.embeds.try_clone()?;
+        let mut out = Vec::with_capacity(new_tokens);
+        let mut next = argmax(&logits);
+        for step in 0..new_tokens {
+            out.push(next);
+            let j = seq.len();
+            seq.push(next);
+            if step + 1 == new_tokens {
+                break;
+            }
+            let p1 = pos_of(j);
+            let l = if cached {
+                let p = p1.map(|p| vec![p]);
+                self.run_inner(&[next], None, p.as_deref(), None, false, Some(&mut cache))?
+                    .0
+            } else {
+                // Re-run the whole sequence: the new token's embedding appended to the prompt's.
+                let e = self.embed_tokens(&[next])?.astype(embeds.dtype()?)?;
+                embeds = mlx::concatenate(&[&embeds, &e], 1)?;
+                if let (Some(v), Some(p)) = (pos.as_mut(), p1) {
+                    v.push(p);
+                }
+                self.run_inner(
+                    &seq,
+                    Some(&embeds),
+                    pos.as_deref(),
+                    input.deepstack.as_ref(),
+                    false,
+                    None,
+                )?
+                .0
+            };
+            next = argmax(&l.to_vec_f32()?);
+        }
+        Ok((logits, out))
     }
 
     fn check_ids(&self, ids: &[i32]) -> Result<()> {
@@ -472,7 +613,7 @@ impl TextModel {
         capture: bool,
         cache: Option<&mut KvCache>,
     ) -> Result<(Array, Vec<Array>)> {
-        self.run_inner(ids, None, positions, capture, cache)
+        self.run_inner(ids, None, positions, None, capture, cache)
     }
 
     /// [`TextModel::run_with`] from precomputed input embeddings when `embeds` is given (else the
@@ -482,12 +623,13 @@ impl TextModel {
         ids: &[i32],
         embeds: Option<&Array>,
         positions: Option<&[[i64; 3]]>,
+        deepstack: Option<&Deepstack>,
         capture: bool,
         mut cache: Option<&mut KvCache>,
     ) -> Result<(Array, Vec<Array>)> {
         let offset = cache.as_ref().map_or(0, |c| c.offset);
         let n = ids.len();
-        if offset > 0 && (n != 1 || positions.is_some()) {
+        if offset > 0 && n != 1 {
             return Err(VerifyError::BadInput(
                 "a cached step takes exactly one text token".into(),
             ));
@@ -582,6 +724,11 @@ impl TextModel {
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             h = layer.forward(&h, &ctx, kv)?;
+            if let Some(ds) = deepstack {
+                if i < ds.layers.len() {
+                    h = ds.add(&h, i)?;
+                }
+            }
             if capture {
                 states.push(h.try_clone()?);
             }
