@@ -209,6 +209,8 @@ def main() -> int:
         tensors["generated_ids"] = generated
     if args.image:
         tensors["pixel_values"] = inputs[0]["pixel_values"].to(torch.float32)
+        if "image_grid_thw" in inputs[0]:
+            tensors["image_grid_thw"] = inputs[0]["image_grid_thw"].to(torch.int64)
     metadata = {
         "format": FORMAT,
         "source": args.source or args.model,

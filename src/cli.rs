@@ -319,8 +319,27 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
             Ok(if r.ok() { exit::OK } else { exit::BAD_INPUT })
         }
-        Some(Command::Verify(v)) => verify_command(&v),
-        None => convert(&cli.convert),
+        Some(Command::Verify(v)) => {
+            check_image_arg(&v.thresholds)?;
+            verify_command(&v)
+        }
+        None => {
+            if cli.convert.verify {
+                check_image_arg(&cli.convert.thresholds)?;
+            }
+            convert(&cli.convert)
+        }
+    }
+}
+
+/// `--image` must name a readable file: said before any work, not after a conversion.
+fn check_image_arg(t: &ThresholdArgs) -> Result<()> {
+    match &t.image {
+        Some(p) if !p.is_file() => Err(Error::Usage(format!(
+            "--image {}: no such file (pass a PNG or JPEG image)",
+            p.display()
+        ))),
+        _ => Ok(()),
     }
 }
 

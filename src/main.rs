@@ -16,7 +16,9 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             let err = anyhow::Error::from(e);
-            eprintln!("error: {err:#}");
+            // Our messages already hold their causes (`cannot read X: <io error>`): the top level
+            // only, or `{:#}` would print each cause twice.
+            eprintln!("error: {err}");
             err.downcast_ref::<vlm_convert::Error>()
                 .map(|e| e.exit_code())
                 .unwrap_or(2)

@@ -362,6 +362,32 @@ fn correct_conversions_pass(arch: &str) {
             worst(q, "top1", false),
             worst(q, "top5", false)
         );
+
+        // Against transformers' image-prompt logits (the file's ids and pixel values).
+        let image_ref = golden_reference(arch).with_extension("image.safetensors");
+        if image_ref.exists() {
+            let (code, rep, err) = verify(&["--mlx-path", s(&out), "--reference", s(&image_ref)]);
+            let q = &rep["quality"];
+            let p = &q["prompts"][0];
+            println!(
+                "verify {arch} {label} --reference {}: exit {code}, max|diff| {:.3e}, mean KL {:.3e}, top-1 {:.2}, greedy {} vs {}",
+                image_ref.file_name().unwrap().to_string_lossy(),
+                p["max_abs_diff"].as_f64().unwrap(),
+                p["mean_kl"].as_f64().unwrap(),
+                p["top1"].as_f64().unwrap(),
+                p["converted_continuation"],
+                p["reference_continuation"]
+            );
+            assert_eq!(p["image"], "synthetic.png", "{arch}: {rep}");
+            if arch == "gemma3" {
+                // mlx-vlm's Gemma 3 departs from transformers after the image (README "Verify"), and
+                // the conversion runs as mlx-vlm runs it: the quality level says so.
+                assert_eq!(code, 1, "{arch}: {rep}");
+                assert!(rep["notes"].to_string().contains("mlx-vlm"), "{rep}");
+            } else {
+                assert_eq!(code, 0, "{arch} {label} --reference image: {err}\n{rep}");
+            }
+        }
     }
 }
 
@@ -644,6 +670,7 @@ fn bad_reference_files_are_rejected_with_exit_3() {
             generated: None,
             text: None,
         }],
+        image: None,
         source: "elsewhere".into(),
         producer: "test".into(),
     };
@@ -759,4 +786,58 @@ fn fp_modes_and_mixed_recipes_verify() {
     swap_down_proj(&out);
     let (code, rep, _) = verify(&["--mlx-path", s(&out), "--against", s(&fixture("llava"))]);
     assert_eq!(code, 1, "{rep}");
+}
+
+/// `--image FILE --prompt TEXT` replace the synthetic image prompt; `--no-image` drops it; a missing
+/// image file is a usage error naming it; the human report shows the image prompt.
+#[test]
+fn image_prompt_options() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = fixture("llava");
+    let out = tmp.path().join("q4");
+    convert(&src, &out, &["--q-bits", "4"]);
+    let photo = root().join("fixtures/images/photo.jpg");
+    let text = "What is in the top right corner? Answer briefly.";
+    let base = ["--mlx-path", s(&out), "--against", s(&src)];
+
+    let mut args = base.to_vec();
+    args.extend(["--image", s(&photo), "--prompt", text]);
+    let (code, rep, err) = verify(&args);
+    assert_eq!(code, 0, "{err}\n{rep}");
+    for level in ["structure", "quality"] {
+        let ps = rep[level]["prompts"].as_array().unwrap();
+        assert_eq!(ps.len(), 4, "{rep}");
+        assert_eq!(ps[3]["image"], s(&photo), "{rep}");
+        assert!(ps[..3].iter().all(|p| p["image"].is_null()));
+    }
+    // The text is in the prompt: a longer text, a longer prompt than the default one.
+    let default_len = {
+        let (_, r, _) = verify(&base);
+        r["structure"]["prompts"][3]["tokens"].as_u64().unwrap()
+    };
+    assert!(rep["structure"]["prompts"][3]["tokens"].as_u64().unwrap() > default_len);
+
+    let mut args = base.to_vec();
+    args.push("--no-image");
+    let (code, rep, _) = verify(&args);
+    assert_eq!(code, 0);
+    assert_eq!(rep["structure"]["prompts"].as_array().unwrap().len(), 3);
+
+    let missing = tmp.path().join("nope.png");
+    let mut args = vec!["verify"];
+    args.extend(base);
+    args.extend(["--image", s(&missing)]);
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 2, "a missing image is a usage error: {err}");
+    assert!(err.contains("nope.png") && err.contains("--image"), "{err}");
+
+    let mut args = vec!["verify"];
+    args.extend(base);
+    let (code, stdout, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("prompt 3 (image: synthetic test image,"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("tensors identical"), "{stdout}");
 }

@@ -20,9 +20,8 @@ mod common;
 use common::*;
 
 use vlm_convert::shard::SafetensorsFile;
-use vlm_convert::verify::image::{ImageProcessor, PixelValues, RgbImage};
-use vlm_convert::verify::prompt::PromptBuilder;
-use vlm_convert::verify::{EmbedInput, Precision, TextModel, VisionModel};
+use vlm_convert::verify::image::RgbImage;
+use vlm_convert::verify::{Pixels, Precision, TextModel, Vision};
 
 fn read_i64(file: &SafetensorsFile, name: &str) -> Vec<i64> {
     file.data(&file.tensors[name])
@@ -50,45 +49,49 @@ fn against_transformers(arch: &str, tol: f32) {
     let config: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
 
-    let px = ImageProcessor::from_dir(&dir)
-        .unwrap()
-        .preprocess(&RgbImage::synthetic())
-        .unwrap();
-    // The reference venv has torch, so transformers runs its torchvision image processor there (the
-    // CI venv, without torch, the PIL one that tests/image_preprocess.rs matches exactly): the two
-    // resize differently (one level of 255 on some pixels). The logits below are computed from the
-    // reference's own pixel values, so they compare the two forwards on the same input.
-    let want_px = read_f32(&golden, "pixel_values");
-    assert_eq!(px.data.len(), want_px.len());
-    let d_px = px
-        .data
-        .iter()
-        .zip(&want_px)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
-    eprintln!("vision-reference {arch:10} pixel values max|diff| {d_px:.3e}");
-    assert!(d_px <= 0.031, "{arch}: pixel values differ by {d_px}");
-    let px = PixelValues {
-        data: want_px,
-        ..px
-    };
-
     let text = TextModel::load(&dir, Precision::Float32).unwrap();
-    let vision = VisionModel::load(&dir, Precision::Float32).unwrap();
-    let ids = PromptBuilder::from_dir(&dir, &config)
-        .unwrap()
-        .image_prompt("Describe the image.", vision.tokens_per_image())
+    let vision = Vision::load(&dir, Precision::Float32).unwrap();
+    let mut prompt = vision
+        .prompt(
+            &dir,
+            &config,
+            &RgbImage::synthetic(),
+            "synthetic",
+            "Describe the image.",
+        )
         .unwrap();
     let want_ids: Vec<i32> = read_i64(&golden, "input_ids")
         .iter()
         .map(|&i| i as i32)
         .collect();
-    assert_eq!(ids, want_ids, "{arch}: prompt ids");
+    assert_eq!(prompt.ids, want_ids, "{arch}: prompt ids");
 
-    let tok = text.embed_tokens(&ids).unwrap();
-    let f = vision.features(&px, tok.dtype().unwrap()).unwrap();
-    let merged = vision.merge(&ids, &tok, &f).unwrap();
-    let ours = text.logits_from_embeds(&ids, &merged, None).unwrap();
+    // The reference venv has torch, so transformers runs its torchvision image processor there (the
+    // CI venv, without torch, the PIL one that tests/image_preprocess.rs and tests/qwen_vision.rs
+    // match exactly): the two resize differently (one level of 255 on some pixels). The logits below
+    // are computed from the reference's own pixel values, so they compare the two forwards on the
+    // same input.
+    let want_px = read_f32(&golden, "pixel_values");
+    let ours_px = match &mut prompt.pixels {
+        Pixels::Fixed(px) => &mut px.data,
+        Pixels::Patches { data, grid_thw } => {
+            let g: Vec<usize> = read_i64(&golden, "image_grid_thw")
+                .iter()
+                .map(|&x| x as usize)
+                .collect();
+            assert_eq!(grid_thw.concat(), g, "{arch}: image grid");
+            data
+        }
+    };
+    assert_eq!(ours_px.len(), want_px.len());
+    let d_px = max_abs_diff(ours_px, &want_px);
+    eprintln!("vision-reference {arch:10} pixel values max|diff| {d_px:.3e}");
+    assert!(d_px <= 0.031, "{arch}: pixel values differ by {d_px}");
+    *ours_px = want_px;
+
+    let input = vision.input(&text, &prompt).unwrap();
+    let ids = &prompt.ids;
+    let (ours, _) = text.logits_from_input(ids, &input, false).unwrap();
     let want = read_f32(&golden, "logits");
     assert_eq!(ours.len(), want.len());
     let vocab = text.vocab_size();
@@ -100,17 +103,15 @@ fn against_transformers(arch: &str, tol: f32) {
     };
     // Positions before the first image token do not see the image: there only the text forwards
     // differ (Gemma 3's bf16-rounded embedding scale, README "Verify": 6e-4).
-    let first_image = ids
-        .iter()
-        .position(|&t| t == vision.image_token_id())
-        .unwrap_or(0);
+    let image_token = config
+        .get("image_token_index")
+        .or_else(|| config.get("image_token_id"))
+        .and_then(serde_json::Value::as_i64)
+        .unwrap() as i32;
+    let first_image = ids.iter().position(|&t| t == image_token).unwrap_or(0);
     let (mut d, mut d_text, mut top1) = (0f32, 0f32, 0usize);
     for (row, (a, b)) in ours.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
-        let m = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let m = max_abs_diff(a, b);
         d = d.max(m);
         if row < first_image {
             d_text = d_text.max(m);
@@ -123,22 +124,20 @@ fn against_transformers(arch: &str, tol: f32) {
          top-1 agreement {top1}/{n} (tol {tol:.0e})"
     );
     assert!(d <= tol, "{arch}: {d:e} > {tol:e}");
+    assert!(
+        d_text <= 2e-3,
+        "{arch}: text positions differ by {d_text:e}"
+    );
 
-    // Greedy continuation from the merged embeddings (LLaVA: over the KV cache; PaliGemma, a prefix
-    // LM: the whole sequence re-run per token) against transformers' own greedy tokens. Gemma 3's
-    // logits depart after the image (see above), so its tokens may too.
+    // Greedy continuation from the merged embeddings (causal models over the KV cache, with M-RoPE
+    // decode positions for Qwen-VL; PaliGemma, a prefix LM, re-runs the whole sequence per token)
+    // against transformers' own greedy tokens. Gemma 3's logits depart after the image (see above),
+    // so its tokens may too.
     let want_gen: Vec<i32> = read_i64(&golden, "generated_ids")
         .iter()
         .map(|&i| i as i32)
         .collect();
-    let input = EmbedInput {
-        embeds: merged,
-        positions: None,
-        deepstack: None,
-    };
-    let (first, gen) = text
-        .greedy_from_input(&ids, &input, want_gen.len())
-        .unwrap();
+    let (first, gen) = text.greedy_from_input(ids, &input, want_gen.len()).unwrap();
     assert!(
         max_abs_diff(&first, &ours) <= 1e-5,
         "{arch}: greedy's prompt logits"
@@ -147,10 +146,6 @@ fn against_transformers(arch: &str, tol: f32) {
     if arch != "gemma3" {
         assert_eq!(gen, want_gen, "{arch}: greedy continuation");
     }
-    assert!(
-        d_text <= 2e-3,
-        "{arch}: text positions differ by {d_text:e}"
-    );
 }
 
 #[test]
@@ -166,4 +161,19 @@ fn paligemma() {
 #[test]
 fn gemma3() {
     against_transformers("gemma3", 10.0);
+}
+
+#[test]
+fn qwen2_vl() {
+    against_transformers("qwen2_vl", 1e-4);
+}
+
+#[test]
+fn qwen2_5_vl() {
+    against_transformers("qwen2_5_vl", 1e-4);
+}
+
+#[test]
+fn qwen3_vl() {
+    against_transformers("qwen3_vl", 1e-4);
 }

@@ -45,7 +45,7 @@ pub use config::{ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig}
 pub use multimodal::{ImagePrompt, Pixels, Vision, DEFAULT_IMAGE_TEXT, IMAGE_ARCHS};
 pub use qwen_image::{patchify, smart_resize, QwenImageProcessor, QwenPixels};
 pub use qwen_vision::{ImageFeatures, QwenVision, QwenVisionConfig, QwenVisionKind};
-pub use reference::{RefPrompt, Reference};
+pub use reference::{RefImage, RefPrompt, Reference};
 pub use report::{
     builtin_prompts, verify, ImageChoice, LevelReport, PromptReport, Report, ThresholdOverrides,
     Thresholds, VerifyOptions,

@@ -169,6 +169,46 @@ impl Vision {
         })
     }
 
+    /// [`Pixels`] for this architecture from a processor's `pixel_values` (`shape` as stored) and,
+    /// for Qwen-VL, its `image_grid_thw`: what a reference file made by transformers holds.
+    pub fn pixels(
+        &self,
+        data: &[f32],
+        shape: &[usize],
+        grid_thw: Option<&[[usize; 3]]>,
+    ) -> Result<Pixels> {
+        let bad =
+            |msg: String| VerifyError::BadInput(format!("pixel_values of shape {shape:?}: {msg}"));
+        match self {
+            Vision::Fixed(_) => match *shape {
+                [1, 3, height, width] => Ok(Pixels::Fixed(PixelValues {
+                    height,
+                    width,
+                    data: data.to_vec(),
+                })),
+                _ => Err(bad("expected [1, 3, height, width] (one image)".into())),
+            },
+            Vision::Qwen(v) => {
+                let grid =
+                    grid_thw.ok_or_else(|| bad("Qwen-VL pixels need `image_grid_thw`".into()))?;
+                let k = v.config().patch_len();
+                let patches = grid
+                    .iter()
+                    .map(|g| g[0].saturating_mul(g[1]).saturating_mul(g[2]))
+                    .fold(0, usize::saturating_add);
+                if shape != [patches, k] {
+                    return Err(bad(format!(
+                        "expected [{patches}, {k}] for the grids {grid:?}"
+                    )));
+                }
+                Ok(Pixels::Patches {
+                    data: data.to_vec(),
+                    grid_thw: grid.to_vec(),
+                })
+            }
+        }
+    }
+
     /// The language model's input for `prompt`: its token embeddings from `text` with the image
     /// features at the image tokens, as mlx-vlm's `get_input_embeddings` builds it.
     pub fn input(&self, text: &TextModel, prompt: &ImagePrompt) -> Result<EmbedInput> {

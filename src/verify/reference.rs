@@ -8,8 +8,11 @@
 //! - `logits` F32 `[P, T, V]`: float32 logits of every prompt position (padding rows ignored);
 //! - `generated_ids` I64 (or I32) `[P, N]`, optional: the greedy continuation (argmax of the last
 //!   position, re-running the whole sequence, no stop tokens);
-//! - `__metadata__`: `format` = [`FORMAT`], `source`, `producer`, and optional `prompts` (JSON list of the
-//!   prompt texts).
+//! - `pixel_values` F32 (any shape), optional: an image-prompt reference (`reference_logits.py
+//!   --image`); every prompt holds this image, as the processor preprocessed it;
+//! - `image_grid_thw` I64 (or I32) `[images, 3]`, optional: Qwen-VL's grid of that image;
+//! - `__metadata__`: `format` = [`FORMAT`], `source`, `producer`, optional `prompts` (JSON list of the
+//!   prompt texts) and `image` (the image file's name).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,11 +37,25 @@ pub struct RefPrompt {
     pub text: Option<String>,
 }
 
+/// The image of an image-prompt reference: every prompt holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefImage {
+    /// The image file's name, as recorded.
+    pub name: String,
+    /// The processor's `pixel_values`, row-major, and their shape.
+    pub pixel_values: Vec<f32>,
+    pub shape: Vec<usize>,
+    /// Qwen-VL's `image_grid_thw` (one `[t, h, w]` per image).
+    pub grid_thw: Option<Vec<[usize; 3]>>,
+}
+
 /// A reference: prompts with logits, and where they came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reference {
     pub vocab: usize,
     pub prompts: Vec<RefPrompt>,
+    /// Set when the prompts are image prompts.
+    pub image: Option<RefImage>,
     /// What the logits were computed from (a checkpoint path or repo id).
     pub source: String,
     /// What computed them (library versions, precision).
@@ -211,9 +228,54 @@ impl Reference {
                 text,
             });
         }
+        let image = match file.tensors.get("pixel_values") {
+            None => None,
+            Some(info) => {
+                if info.dtype != DType::F32 {
+                    return Err(bad(
+                        path,
+                        format!("`pixel_values` is {}; expected F32", info.dtype),
+                    ));
+                }
+                let pixel_values: Vec<f32> = file
+                    .data(info)
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                    .collect();
+                if pixel_values.is_empty() || pixel_values.iter().any(|x| !x.is_finite()) {
+                    return Err(bad(
+                        path,
+                        "`pixel_values` is empty or holds non-finite values",
+                    ));
+                }
+                let grid_thw = if file.tensors.contains_key("image_grid_thw") {
+                    let (shape, v) = ints(&file, "image_grid_thw").map_err(|m| bad(path, m))?;
+                    if shape.len() != 2 || shape[1] != 3 || v.iter().any(|&x| x < 1) {
+                        return Err(bad(
+                            path,
+                            format!("`image_grid_thw` has shape {shape:?}; expected [images, 3] of positive sizes"),
+                        ));
+                    }
+                    Some(
+                        v.chunks_exact(3)
+                            .map(|g| [g[0] as usize, g[1] as usize, g[2] as usize])
+                            .collect(),
+                    )
+                } else {
+                    None
+                };
+                Some(RefImage {
+                    name: meta("image").unwrap_or_else(|| "the reference's image".into()),
+                    pixel_values,
+                    shape: info.shape.clone(),
+                    grid_thw,
+                })
+            }
+        };
         Ok(Reference {
             vocab,
             prompts,
+            image,
             source: meta("source").unwrap_or_default(),
             producer: meta("producer").unwrap_or_default(),
         })
@@ -274,6 +336,30 @@ impl Reference {
                 logits.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ),
         ];
+        if let Some(img) = &self.image {
+            tensors.push((
+                TensorLayout {
+                    name: "pixel_values".into(),
+                    dtype: DType::F32,
+                    shape: img.shape.clone(),
+                },
+                img.pixel_values
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect(),
+            ));
+            if let Some(g) = &img.grid_thw {
+                let flat: Vec<i64> = g.iter().flatten().map(|&x| x as i64).collect();
+                tensors.push((
+                    TensorLayout {
+                        name: "image_grid_thw".into(),
+                        dtype: DType::I64,
+                        shape: vec![g.len(), 3],
+                    },
+                    le64(&flat),
+                ));
+            }
+        }
         if n > 0 {
             tensors.push((
                 TensorLayout {
@@ -295,6 +381,7 @@ impl Reference {
             ),
         ]
         .into_iter()
+        .chain(self.image.as_ref().map(|i| ("image", i.name.clone())))
         .map(|(k, v)| (k.to_string(), v))
         .collect();
         let layouts: Vec<TensorLayout> = tensors.iter().map(|(l, _)| l.clone()).collect();
@@ -340,9 +427,25 @@ mod tests {
                     text: None,
                 },
             ],
+            image: None,
             source: "src".into(),
             producer: "test".into(),
         }
+    }
+
+    #[test]
+    fn round_trips_image_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ref.image.safetensors");
+        let mut r = sample();
+        r.image = Some(RefImage {
+            name: "photo.jpg".into(),
+            pixel_values: (0..24).map(|i| i as f32 / 8.0).collect(),
+            shape: vec![4, 6],
+            grid_thw: Some(vec![[1, 2, 2]]),
+        });
+        r.write(&path).unwrap();
+        assert_eq!(Reference::read(&path).unwrap(), r);
     }
 
     #[test]

@@ -237,12 +237,11 @@ struct Run {
     states: Vec<Vec<HiddenState>>,
 }
 
-/// Runs `model` on the text `prompts`, then on the image prompt when there is one (and a `vision`
-/// side to run it with).
+/// Runs `model` on the text `prompts`, then on the image prompts with its `vision` side.
 fn run_model(
     model: &TextModel,
     prompts: &[Vec<i32>],
-    image: Option<(&Vision, &ImagePrompt)>,
+    images: Option<(&Vision, &[ImagePrompt])>,
     new_tokens: usize,
     states: bool,
 ) -> Result<Run> {
@@ -263,7 +262,10 @@ fn run_model(
         out.continuations.push(cont);
         out.states.push(st);
     }
-    if let Some((vision, p)) = image {
+    for (vision, p) in images
+        .into_iter()
+        .flat_map(|(v, ps)| ps.iter().map(move |p| (v, p)))
+    {
         let input = vision.input(model, p)?;
         let (logits, cont, st) = if states {
             let (l, st) = model.logits_from_input(&p.ids, &input, true)?;
@@ -470,7 +472,11 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
             if !opts.prompts.is_empty() {
                 notes.push("--prompt-ids ignored: the reference file's prompts are used".into());
             }
-            r.prompts.iter().map(|p| p.ids.clone()).collect()
+            match r.image {
+                // Image prompts: run below with the file's pixels.
+                Some(_) => Vec::new(),
+                None => r.prompts.iter().map(|p| p.ids.clone()).collect(),
+            }
         }
         (None, false) => opts.prompts.clone(),
         (None, true) => builtin_prompts(vocab, &layout.config),
@@ -485,41 +491,68 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
         None => opts.new_tokens,
     };
 
-    // The image prompt: prepared once, from the converted directory's processor, tokenizer and chat
-    // template, and run by every model below.
-    let native_vision;
-    let image = if opts.image == ImageChoice::Off {
-        native_vision = None;
-        None
+    // The image prompts: a reference file's, or one prepared from the converted directory's
+    // processor, tokenizer and chat template; every model below runs them after the text prompts.
+    let file_image = file_ref.as_ref().and_then(|r| r.image.as_ref());
+    let wants_image = opts.image != ImageChoice::Off || file_image.is_some();
+    let native_vision = if wants_image && Vision::supports(&layout.config) {
+        Some(Vision::load(dir, Precision::Native).map_err(|e| broken(dir, e))?)
     } else {
-        native_vision = if Vision::supports(&layout.config) {
-            Some(Vision::load(dir, Precision::Native).map_err(|e| broken(dir, e))?)
-        } else {
-            None
-        };
-        prepare_image(
+        None
+    };
+    let images: Vec<ImagePrompt> = match (file_image, &file_ref) {
+        (Some(img), Some(r)) => {
+            let path = opts.reference.clone().unwrap_or_default();
+            let vision = native_vision.as_ref().ok_or_else(|| {
+                VerifyError::Unsupported(format!(
+                    "{} holds image prompts, but the image path of `{}` is not implemented (image prompts support {})",
+                    path.display(),
+                    layout.config.get("model_type").and_then(Value::as_str).unwrap_or_default(),
+                    IMAGE_ARCHS.join(", ")
+                ))
+            })?;
+            if matches!(opts.image, ImageChoice::File(_)) {
+                notes.push("--image ignored: the reference file's image is used".into());
+            }
+            let pixels = vision
+                .pixels(&img.pixel_values, &img.shape, img.grid_thw.as_deref())
+                .map_err(|e| VerifyError::Reference {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })?;
+            r.prompts
+                .iter()
+                .map(|p| ImagePrompt {
+                    image: img.name.clone(),
+                    text: p.text.clone().unwrap_or_default(),
+                    ids: p.ids.clone(),
+                    pixels: pixels.clone(),
+                })
+                .collect()
+        }
+        _ if opts.image == ImageChoice::Off => Vec::new(),
+        _ => prepare_image(
             opts,
             native_vision.as_ref(),
             &layout.config,
             source.as_ref().map(|s| s.dir()),
             &mut notes,
         )?
+        .into_iter()
+        .collect(),
     };
     let mut all_prompts = prompts.clone();
-    if let Some(p) = &image {
-        all_prompts.push(p.ids.clone());
-    }
+    all_prompts.extend(images.iter().map(|p| p.ids.clone()));
     let image_label = |i: usize| -> Option<String> {
-        image
-            .as_ref()
-            .filter(|_| i == prompts.len())
+        i.checked_sub(prompts.len())
+            .and_then(|k| images.get(k))
             .map(|p| p.image.clone())
     };
 
     let conv = run_model(
         &native,
         &prompts,
-        native_vision.as_ref().zip(image.as_ref()),
+        native_vision.as_ref().map(|v| (v, images.as_slice())),
         new_tokens,
         false,
     )
@@ -534,8 +567,9 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
             .prompts
             .iter()
             .enumerate()
-            .map(|(i, p)| {
-                quality_prompt(
+            .map(|(i, p)| PromptReport {
+                image: image_label(i),
+                ..quality_prompt(
                     i,
                     &p.logits,
                     &conv.logits[i],
@@ -557,7 +591,17 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
         });
     }
 
-    if let (Some(p), Some(_)) = (&image, &file_ref) {
+    if file_image.is_some()
+        && layout.config.get("model_type").and_then(Value::as_str) == Some("gemma3")
+    {
+        notes.push(
+            "Gemma 3 image prompts: mlx-vlm, which this forward follows, divides the image features by \
+             sqrt(2048) and lets image tokens attend causally, where transformers does neither; a \
+             transformers reference departs after the image even for a correct conversion"
+                .into(),
+        );
+    }
+    if let (Some(p), Some(None)) = (images.first(), file_ref.as_ref().map(|r| &r.image)) {
         notes.push(if source.is_some() {
             format!(
                 "image prompt ({}): structure level only; the reference file holds text prompts",
@@ -581,7 +625,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                 opts,
                 "running the source weights in float32 (quality reference)",
             );
-            let (float, float_vision) = src.float_model(image.is_some())?;
+            let (float, float_vision) = src.float_model(!images.is_empty())?;
             if float.vocab_size() != vocab {
                 return Err(VerifyError::BadInput(format!(
                     "the source's vocabulary is {} but the converted model's {vocab}: --against names another model",
@@ -591,7 +635,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
             let fref = run_model(
                 &float,
                 &prompts,
-                float_vision.as_ref().zip(image.as_ref()),
+                float_vision.as_ref().map(|v| (v, images.as_slice())),
                 new_tokens,
                 false,
             )?;
@@ -600,6 +644,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
             if let Some(path) = &opts.save_reference {
                 let r = Reference {
                     vocab,
+                    image: None,
                     prompts: prompts
                         .iter()
                         .enumerate()
@@ -648,15 +693,16 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
         progress(opts, "running the conversion in float32");
         let up = TextModel::load_with_recipe(dir, Precision::Float32, &recipe)
             .map_err(|e| broken(dir, e))?;
-        let up_vision = match &image {
-            Some(_) => Some(Vision::load(dir, Precision::Float32).map_err(|e| broken(dir, e))?),
-            None => None,
+        let up_vision = if images.is_empty() {
+            None
+        } else {
+            Some(Vision::load(dir, Precision::Float32).map_err(|e| broken(dir, e))?)
         };
         let up_cfg = (up.config().clone(), up.arch().clone());
         let conv32 = run_model(
             &up,
             &prompts,
-            up_vision.as_ref().zip(image.as_ref()),
+            up_vision.as_ref().map(|v| (v, images.as_slice())),
             0,
             true,
         )
@@ -667,12 +713,12 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
             opts,
             "running the source through the same cast and MLX quantize-dequantize in float32",
         );
-        let (sref, sref_vision, check) = src.structural_model(&layout, image.is_some())?;
+        let (sref, sref_vision, check) = src.structural_model(&layout, !images.is_empty())?;
         let ref_cfg = (sref.config().clone(), sref.arch().clone());
         let ref32 = run_model(
             &sref,
             &prompts,
-            sref_vision.as_ref().zip(image.as_ref()),
+            sref_vision.as_ref().map(|v| (v, images.as_slice())),
             0,
             true,
         )?;
@@ -710,7 +756,20 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                     .zip(&conv32.states[i])
                     .map(|(r, c)| (r.name.clone(), max_abs_diff(&r.data, &c.data)))
                     .find(|(_, d)| !at_most((*d).into(), t.max_structure_diff.into()))
-                    .map(|(name, d)| format!("{name} (prompt {i}, max |diff| {d:.3e})"));
+                    .map(|(name, d)| match &ps[i].image {
+                        // The embeddings of an image prompt hold the vision tower's output.
+                        Some(_) if name == "embed" => {
+                            format!("embed: the image features (prompt {i}, max |diff| {d:.3e})")
+                        }
+                        _ => format!("{name} (prompt {i}, max |diff| {d:.3e})"),
+                    });
+            }
+            if ps.iter().all(|p| p.passed || p.image.is_some()) {
+                notes.push(
+                    "only the image prompts differ: the vision tower, the projector, or how the \
+                     image features enter the language model"
+                        .into(),
+                );
             }
         }
         tensors = Some(check);
