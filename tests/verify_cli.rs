@@ -101,10 +101,9 @@ fn swap_down_proj(out: &Path) {
     });
 }
 
-/// Vision bug: the first two vision-tower layers (blocks) swap bytes in the converted output. Returns
-/// the two name stems.
-fn swap_vision_layers(out: &Path) -> (String, String) {
-    let names: Vec<String> = std::fs::read_dir(out)
+/// The vision tower's tensors of a converted directory: (name, shape), sorted by name.
+fn vision_tensors(out: &Path) -> Vec<(String, Vec<usize>)> {
+    let mut v: Vec<(String, Vec<usize>)> = std::fs::read_dir(out)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
@@ -112,21 +111,27 @@ fn swap_vision_layers(out: &Path) -> (String, String) {
             SafetensorsFile::open(&p)
                 .unwrap()
                 .tensors
-                .keys()
-                .cloned()
+                .iter()
+                .map(|(n, i)| (n.clone(), i.shape.clone()))
                 .collect::<Vec<_>>()
         })
+        .filter(|(n, _)| n.starts_with("vision_tower.") || n.starts_with("vision_model."))
         .collect();
+    v.sort();
+    v
+}
+
+/// Vision bug: the first two vision-tower layers (blocks) swap bytes in the converted output. Returns
+/// the two name stems.
+fn swap_vision_layers(out: &Path) -> (String, String) {
+    let names: Vec<String> = vision_tensors(out).into_iter().map(|(n, _)| n).collect();
     let stem = [".layers.", ".blocks."]
         .iter()
         .find_map(|k| {
-            names
-                .iter()
-                .filter(|n| n.starts_with("vision_tower."))
-                .find_map(|n| {
-                    n.find(&format!("{k}0."))
-                        .map(|i| n[..i + k.len()].to_string())
-                })
+            names.iter().find_map(|n| {
+                n.find(&format!("{k}0."))
+                    .map(|i| n[..i + k.len()].to_string())
+            })
         })
         .expect("a vision layer 0");
     let (a, b) = (format!("{stem}0."), format!("{stem}1."));
@@ -139,6 +144,43 @@ fn swap_vision_layers(out: &Path) -> (String, String) {
         }
     });
     (a, b)
+}
+
+/// Vision bug: the patch embedding (the tower's one convolution kernel, 4-D or 5-D, channels last in
+/// MLX) written in PyTorch's channels-first element order under the MLX shape: what a converter that
+/// reshapes instead of transposing writes. Returns its name.
+fn reshape_patch_embedding(out: &Path) -> String {
+    let (name, shape) = vision_tensors(out)
+        .into_iter()
+        .find(|(_, s)| s.len() >= 4)
+        .expect("a convolution kernel in the vision tower");
+    assert!(
+        shape[shape.len() - 1] <= 4,
+        "{name}: {shape:?} is not channels-last"
+    );
+    let target = name.clone();
+    edit_tensors(out, &move |n, dtype, s, bytes, _| {
+        if n != target {
+            return;
+        }
+        let es = if dtype == "F32" { 4 } else { 2 };
+        // MLX [O, ..., C] -> PyTorch [O, C, ...]: element (o, c, rest) of the PyTorch order comes
+        // from (o, rest, c) of the MLX one.
+        let (o, c) = (s[0], s[s.len() - 1]);
+        let rest: usize = s[1..s.len() - 1].iter().product();
+        let src = bytes.clone();
+        let mut k = 0;
+        for oi in 0..o {
+            for ci in 0..c {
+                for ri in 0..rest {
+                    let from = ((oi * rest + ri) * c + ci) * es;
+                    bytes[k * es..(k + 1) * es].copy_from_slice(&src[from..from + es]);
+                    k += 1;
+                }
+            }
+        }
+    });
+    name
 }
 
 /// Bug 2: the source's layer-0 attention output projection transposed (square, so it still loads):
@@ -499,6 +541,18 @@ fn planted_bugs_fail(arch: &str) {
                 !d.is_empty() && d.iter().all(|n| n.contains(&a) || n.contains(&b)),
                 "{arch}: {d:?}"
             );
+
+            // 6. The patch embedding reshaped instead of transposed.
+            let out = fresh(&format!("patch-reshaped-{label}"), flags);
+            let name = reshape_patch_embedding(&out);
+            let rep = check(&format!("patch-reshaped-{label}"), &out, &src);
+            let ps = rep["structure"]["prompts"].as_array().unwrap();
+            assert!(
+                ps.iter()
+                    .all(|p| (p["passed"] == true) == p["image"].is_null()),
+                "{arch}: only the image prompt may fail: {rep}"
+            );
+            assert_eq!(differing(&rep), vec![name], "{arch}");
         }
     }
 
