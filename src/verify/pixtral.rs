@@ -215,7 +215,7 @@ impl PixtralImageProcessor {
     /// Resize, rescale, normalize one image.
     pub fn preprocess(&self, img: &RgbImage) -> Result<PixtralPixels> {
         let (h, w) = self.target_size(img.height, img.width)?;
-        if h % self.patch != 0 || w % self.patch != 0 {
+        if !h.is_multiple_of(self.patch) || !w.is_multiple_of(self.patch) {
             return Err(VerifyError::BadInput(format!(
                 "a {}x{} image without resizing is not a multiple of {} pixels per side",
                 img.width, img.height, self.patch
@@ -316,13 +316,13 @@ impl PixtralConfig {
             feature_layer,
             image_token_id: image_token_id as i32,
         };
-        if c.hidden_size % c.num_heads != 0 || c.hidden_size / c.num_heads != c.head_dim {
+        if !c.hidden_size.is_multiple_of(c.num_heads) || c.hidden_size / c.num_heads != c.head_dim {
             return Err(err(format!(
                 "vision hidden_size {} with {} heads does not give head_dim {}",
                 c.hidden_size, c.num_heads, c.head_dim
             )));
         }
-        if c.head_dim % 4 != 0 || c.image_size < c.patch_size {
+        if !c.head_dim.is_multiple_of(4) || c.image_size < c.patch_size {
             return Err(err(format!(
                 "vision head_dim {} (must be a multiple of 4) / image_size {} / patch_size {}",
                 c.head_dim, c.image_size, c.patch_size
@@ -447,8 +447,8 @@ impl PixtralVision {
         let (ps, merge) = (self.cfg.patch_size, self.cfg.spatial_merge_size);
         let unit = ps * merge;
         if px.data.len() != 3 * px.height * px.width
-            || px.height % unit != 0
-            || px.width % unit != 0
+            || !px.height.is_multiple_of(unit)
+            || !px.width.is_multiple_of(unit)
             || px.height == 0
             || px.width == 0
         {
