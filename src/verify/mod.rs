@@ -28,6 +28,7 @@ mod config;
 pub mod image;
 pub mod metrics;
 mod multimodal;
+mod pixtral;
 pub mod prompt;
 mod qwen_image;
 mod qwen_vision;
@@ -43,6 +44,9 @@ use std::path::PathBuf;
 pub use against::TensorCheck;
 pub use config::{ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig};
 pub use multimodal::{ImagePrompt, Pixels, Vision, DEFAULT_IMAGE_TEXT, IMAGE_ARCHS};
+pub use pixtral::{
+    pixtral_target_size, PixtralConfig, PixtralImageProcessor, PixtralPixels, PixtralVision,
+};
 pub use qwen_image::{patchify, smart_resize, QwenImageProcessor, QwenPixels};
 pub use qwen_vision::{ImageFeatures, QwenVision, QwenVisionConfig, QwenVisionKind};
 pub use reference::{RefImage, RefPrompt, Reference};

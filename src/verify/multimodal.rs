@@ -12,7 +12,9 @@
 //! - LLaVA, PaliGemma, Gemma 3: a fixed-size image through CLIP/SigLIP and the projector
 //!   ([`VisionModel`]);
 //! - Qwen2-VL, Qwen2.5-VL, Qwen3-VL: dynamic resolution, the patch-merging vision transformer
-//!   ([`QwenVision`]), M-RoPE image positions, and Qwen3-VL's deepstack features.
+//!   ([`QwenVision`]), M-RoPE image positions, and Qwen3-VL's deepstack features;
+//! - Mistral 3: the image at its own patch-multiple size through the Pixtral encoder, the patch
+//!   merger and the projector ([`PixtralVision`]), `[IMG]` rows separated by `[IMG_BREAK]`.
 //!
 //! Architectures not listed in [`IMAGE_ARCHS`] are verified on text prompts only, and say so.
 
@@ -21,6 +23,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::image::{ImageProcessor, PixelValues, RgbImage};
+use super::pixtral::{PixtralImageProcessor, PixtralVision};
 use super::prompt::PromptBuilder;
 use super::qwen_image::QwenImageProcessor;
 use super::qwen_vision::{QwenVision, QwenVisionConfig, QwenVisionKind};
@@ -37,6 +40,7 @@ pub const IMAGE_ARCHS: &[&str] = &[
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "mistral3",
 ];
 
 /// The text of the image prompt when none is given.
@@ -55,6 +59,9 @@ pub enum Pixels {
         data: Vec<f32>,
         grid_thw: Vec<[usize; 3]>,
     },
+    /// Mistral 3 (Pixtral): one image at its own size, `[1, 3, H, W]`, sides multiples of
+    /// `patch_size * spatial_merge_size` (`(H, W)` is its `image_sizes` entry).
+    Pixtral(PixelValues),
 }
 
 /// An image prompt: the token ids (image placeholder expanded) and the pixels.
@@ -76,6 +83,8 @@ pub enum Vision {
     Fixed(VisionModel),
     /// Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision transformer.
     Qwen(QwenVision),
+    /// Mistral 3: Pixtral encoder, patch merger and projector.
+    Pixtral(PixtralVision),
 }
 
 fn model_type(config: &Value) -> &str {
@@ -126,6 +135,11 @@ impl Vision {
                 store,
             )?));
         }
+        if mt == "mistral3" {
+            return Ok(Vision::Pixtral(PixtralVision::from_store(
+                dir, config, store,
+            )?));
+        }
         Ok(Vision::Fixed(VisionModel::from_store(dir, config, store)?))
     }
 
@@ -158,6 +172,15 @@ impl Vision {
                         data: px.data,
                         grid_thw: vec![px.grid_thw],
                     },
+                )
+            }
+            Vision::Pixtral(_) => {
+                let proc = PixtralImageProcessor::from_dir(files, config)?;
+                let px = proc.preprocess(image)?;
+                let (rows, cols) = proc.token_grid(&px);
+                (
+                    builder.image_grid_prompt(text, rows, cols)?,
+                    Pixels::Pixtral(px),
                 )
             }
         };
@@ -226,6 +249,7 @@ impl Vision {
             (Vision::Qwen(v), Pixels::Patches { data, grid_thw }) => {
                 v.input(text, ids, data, grid_thw)
             }
+            (Vision::Pixtral(v), Pixels::Pixtral(px)) => v.input(text, ids, px),
             _ => Err(VerifyError::BadInput(
                 "the image prompt was prepared for another architecture".into(),
             )),

@@ -12,6 +12,9 @@
 //!   `\n\n<start_of_image>` + `<image_soft_token>` x N + `<end_of_image>\n\n`.
 //! - PaliGemma (no chat template): `<image>` x N + bos + text + `\n`, tokenized without adding
 //!   special tokens.
+//! - Mistral 3 (Pixtral): the template writes `[IMG]`; it becomes one row of `[IMG]` per merged
+//!   patch row, rows separated by `[IMG_BREAK]`, the last ended by `[IMG_END]`
+//!   ([`PromptBuilder::image_grid_prompt`]).
 //!
 //! Special tokens are added by the tokenizer unless the rendered prompt already starts with the bos
 //! token (transformers' `ProcessorMixin.apply_chat_template` rule).
@@ -35,6 +38,13 @@ pub enum ImagePlaceholder {
     },
     /// PaliGemma: image tokens, then bos, the text and a newline; no template.
     PaliGemma { token: String },
+    /// Mistral 3 / Pixtral: the template's image token becomes rows of image tokens, each row ended
+    /// by the break token, the last by the end token instead.
+    Pixtral {
+        image: String,
+        brk: String,
+        end: String,
+    },
 }
 
 /// Builds image prompts for one checkpoint.
@@ -198,6 +208,34 @@ impl PromptBuilder {
                 image: token_of(image_token_id, "image")?,
                 eoi: token_of(config.get("eoi_token_index").and_then(Value::as_u64), "eoi")?,
             },
+            "mistral3" => {
+                // transformers' PixtralProcessor reads the break and end tokens from
+                // processor_config.json (its defaults otherwise).
+                let pc = dir.join("processor_config.json");
+                let pc = if pc.exists() {
+                    read_json(&pc)?
+                } else {
+                    Value::Null
+                };
+                let named = |key: &str, default: &str| -> Result<String> {
+                    let t = pc
+                        .get(key)
+                        .and_then(token_text)
+                        .unwrap_or_else(|| default.into());
+                    match tokenizer.token_to_id(&t) {
+                        Some(_) => Ok(t),
+                        None => Err(VerifyError::Config {
+                            path: tok_path.clone(),
+                            msg: format!("the {key} `{t}` is not in the tokenizer"),
+                        }),
+                    }
+                };
+                ImagePlaceholder::Pixtral {
+                    image: token_of(image_token_id, "image")?,
+                    brk: named("image_break_token", "[IMG_BREAK]")?,
+                    end: named("image_end_token", "[IMG_END]")?,
+                }
+            }
             other => {
                 return Err(VerifyError::Unsupported(format!(
                     "image prompts for `{other}`"
@@ -286,7 +324,36 @@ impl PromptBuilder {
                     Some(false),
                 )
             }
+            ImagePlaceholder::Pixtral { .. } => {
+                return Err(VerifyError::Unsupported(
+                    "Pixtral image prompts depend on the image's token grid \
+                     (PromptBuilder::image_grid_prompt)"
+                        .into(),
+                ))
+            }
         };
+        self.encode(&expanded, add_special)
+    }
+
+    /// Token ids of an image prompt whose image is a grid of `rows x cols` tokens (Mistral 3); for
+    /// other placeholders, [`PromptBuilder::image_prompt`] with `rows * cols` tokens.
+    pub fn image_grid_prompt(&self, text: &str, rows: usize, cols: usize) -> Result<Vec<i32>> {
+        let ImagePlaceholder::Pixtral { image, brk, end } = &self.placeholder else {
+            return self.image_prompt(text, rows * cols);
+        };
+        if rows == 0 || cols == 0 {
+            return Err(VerifyError::BadInput(format!(
+                "an image of {rows}x{cols} tokens"
+            )));
+        }
+        let grid = vec![image.repeat(cols); rows].join(brk.as_str()) + end;
+        let expanded = expand_once(&self.render(text)?, image, &grid)?;
+        self.encode(&expanded, None)
+    }
+
+    /// Tokenizes an expanded prompt; `add_special` `None`: add special tokens unless the prompt
+    /// already starts with the bos token.
+    fn encode(&self, expanded: &str, add_special: Option<bool>) -> Result<Vec<i32>> {
         let starts_with_bos = self
             .special
             .get("bos_token")
@@ -295,7 +362,7 @@ impl PromptBuilder {
         let add_special = add_special.unwrap_or(!starts_with_bos);
         let enc = self
             .tokenizer
-            .encode(expanded.as_str(), add_special)
+            .encode(expanded, add_special)
             .map_err(|e| VerifyError::BadInput(format!("tokenizing the prompt: {e}")))?;
         Ok(enc.get_ids().iter().map(|&i| i as i32).collect())
     }

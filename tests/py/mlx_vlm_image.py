@@ -9,7 +9,8 @@ PX holds `pixel_values` (float32 [1, 3, H, W]). The forward is the one mlx-vlm's
 the model merges them: `_merge_input_ids_with_image_features` / `_prepare_inputs_for_multimodal` /
 `prepare_inputs_for_multimodal`), then the language model on those embeddings with the extras
 `get_input_embeddings` returns, all positions kept (as fixtures/mlx_forward.py does for text).
---upcast runs in float32 as fixtures/mlx_forward.py --upcast does.
+--upcast runs in float32 as fixtures/mlx_forward.py --upcast does. --image-sizes H,W passes
+`image_sizes=[(H, W)]` to `get_input_embeddings` (Mistral 3 / Pixtral: the image's size before padding).
 
 OUT: `image_features` [T, D], `inputs_embeds` [n, D], `logits` [n, vocab], all float32.
 """
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--ids", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--upcast", action="store_true")
+    ap.add_argument("--image-sizes", help="H,W of the image (models that take image_sizes)")
     a = ap.parse_args()
 
     from mlx_vlm.models import cache as cache_mod
@@ -44,6 +46,7 @@ def main() -> None:
         ("_merge_input_ids_with_image_features", 0),
         ("_prepare_inputs_for_multimodal", 0),
         ("prepare_inputs_for_multimodal", 3),
+        ("merge_input_ids_with_image_features", 1),
     ):
         fn = getattr(model, name, None)
         if fn is None:
@@ -59,7 +62,10 @@ def main() -> None:
     input_ids = mx.array([ids], dtype=mx.int32)
     px = mx.load(a.pixels)["pixel_values"]
     lm = model.language_model
-    emb = model.get_input_embeddings(input_ids, px, mask=mx.ones((1, len(ids)), dtype=mx.int32))
+    kw = {}
+    if a.image_sizes:
+        kw["image_sizes"] = [tuple(int(x) for x in a.image_sizes.split(","))]
+    emb = model.get_input_embeddings(input_ids, px, mask=mx.ones((1, len(ids)), dtype=mx.int32), **kw)
     # Recorded before the language model runs: Gemma's `h *= scale` rescales the caller's array in place.
     embeds = emb.inputs_embeds[0].astype(mx.float32)
     mx.eval(embeds)
