@@ -73,7 +73,7 @@ fn against_transformers(arch: &str, tol: f32) {
     // same input.
     let want_px = read_f32(&golden, "pixel_values");
     let ours_px = match &mut prompt.pixels {
-        Pixels::Fixed(px) => &mut px.data,
+        Pixels::Fixed(px) | Pixels::Pixtral(px) => &mut px.data,
         Pixels::Patches { data, grid_thw } => {
             let g: Vec<usize> = read_i64(&golden, "image_grid_thw")
                 .iter()
@@ -176,4 +176,9 @@ fn qwen2_5_vl() {
 #[test]
 fn qwen3_vl() {
     against_transformers("qwen3_vl", 1e-4);
+}
+
+#[test]
+fn mistral3() {
+    against_transformers("mistral3", 1e-4);
 }

@@ -202,15 +202,17 @@ impl Vision {
     ) -> Result<Pixels> {
         let bad =
             |msg: String| VerifyError::BadInput(format!("pixel_values of shape {shape:?}: {msg}"));
+        let one_image = || match *shape {
+            [1, 3, height, width] => Ok(PixelValues {
+                height,
+                width,
+                data: data.to_vec(),
+            }),
+            _ => Err(bad("expected [1, 3, height, width] (one image)".into())),
+        };
         match self {
-            Vision::Fixed(_) => match *shape {
-                [1, 3, height, width] => Ok(Pixels::Fixed(PixelValues {
-                    height,
-                    width,
-                    data: data.to_vec(),
-                })),
-                _ => Err(bad("expected [1, 3, height, width] (one image)".into())),
-            },
+            Vision::Fixed(_) => Ok(Pixels::Fixed(one_image()?)),
+            Vision::Pixtral(_) => Ok(Pixels::Pixtral(one_image()?)),
             Vision::Qwen(v) => {
                 let grid =
                     grid_thw.ok_or_else(|| bad("Qwen-VL pixels need `image_grid_thw`".into()))?;
