@@ -25,6 +25,7 @@
 
 mod against;
 mod config;
+mod idefics;
 pub mod image;
 pub mod metrics;
 mod multimodal;
@@ -42,6 +43,10 @@ use std::path::PathBuf;
 
 pub use against::TensorCheck;
 pub use config::{ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig};
+pub use idefics::{
+    image_prompt_string, IdeficsImageProcessor, IdeficsPixels, IdeficsResize, IdeficsTokens,
+    IdeficsVision,
+};
 pub use multimodal::{ImagePrompt, Pixels, Vision, DEFAULT_IMAGE_TEXT, IMAGE_ARCHS};
 pub use qwen_image::{patchify, smart_resize, QwenImageProcessor, QwenPixels};
 pub use qwen_vision::{ImageFeatures, QwenVision, QwenVisionConfig, QwenVisionKind};

@@ -12,7 +12,9 @@
 //! - LLaVA, PaliGemma, Gemma 3: a fixed-size image through CLIP/SigLIP and the projector
 //!   ([`VisionModel`]);
 //! - Qwen2-VL, Qwen2.5-VL, Qwen3-VL: dynamic resolution, the patch-merging vision transformer
-//!   ([`QwenVision`]), M-RoPE image positions, and Qwen3-VL's deepstack features.
+//!   ([`QwenVision`]), M-RoPE image positions, and Qwen3-VL's deepstack features;
+//! - Idefics3, SmolVLM: the image split into tiles plus a global image, each through the vision
+//!   transformer, then the pixel-shuffle connector ([`IdeficsVision`]).
 //!
 //! Architectures not listed in [`IMAGE_ARCHS`] are verified on text prompts only, and say so.
 
@@ -20,6 +22,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::idefics::{
+    image_prompt_string, IdeficsImageProcessor, IdeficsPixels, IdeficsTokens, IdeficsVision,
+};
 use super::image::{ImageProcessor, PixelValues, RgbImage};
 use super::prompt::PromptBuilder;
 use super::qwen_image::QwenImageProcessor;
@@ -37,13 +42,20 @@ pub const IMAGE_ARCHS: &[&str] = &[
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "idefics3",
+    "smolvlm",
 ];
 
 /// The text of the image prompt when none is given.
 pub const DEFAULT_IMAGE_TEXT: &str = "Describe the image.";
 
 /// Tensor-name roots of the vision side of a converted directory.
-pub(crate) const VISION_ROOTS: &[&str] = &["vision_tower.", "multi_modal_projector."];
+pub(crate) const VISION_ROOTS: &[&str] = &[
+    "vision_tower.",
+    "multi_modal_projector.",
+    "vision_model.",
+    "connector.",
+];
 
 /// The pixels of one image prompt, as the architecture's processor produces them.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +67,8 @@ pub enum Pixels {
         data: Vec<f32>,
         grid_thw: Vec<[usize; 3]>,
     },
+    /// Idefics3 / SmolVLM: the image's tiles and their grid.
+    Tiles(IdeficsPixels),
 }
 
 /// An image prompt: the token ids (image placeholder expanded) and the pixels.
@@ -76,6 +90,8 @@ pub enum Vision {
     Fixed(VisionModel),
     /// Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision transformer.
     Qwen(QwenVision),
+    /// Idefics3 / SmolVLM vision transformer and connector.
+    Idefics(IdeficsVision),
 }
 
 fn model_type(config: &Value) -> &str {
@@ -126,6 +142,11 @@ impl Vision {
                 store,
             )?));
         }
+        if matches!(mt, "idefics3" | "smolvlm") {
+            return Ok(Vision::Idefics(IdeficsVision::from_store(
+                dir, config, store,
+            )?));
+        }
         Ok(Vision::Fixed(VisionModel::from_store(dir, config, store)?))
     }
 
@@ -160,6 +181,26 @@ impl Vision {
                     },
                 )
             }
+            Vision::Idefics(v) => {
+                let proc = IdeficsImageProcessor::from_dir(files)?;
+                let px = proc.preprocess(image)?;
+                let per_tile = v.tokens_per_tile(px.height, px.width);
+                if per_tile != proc.image_seq_len {
+                    return Err(VerifyError::Config {
+                        path: files.join("processor_config.json"),
+                        msg: format!(
+                            "`image_seq_len` is {} but the model gives {per_tile} features per                              {}x{} tile (vision patch_size and scale_factor in config.json)",
+                            proc.image_seq_len, px.width, px.height
+                        ),
+                    });
+                }
+                let tokens = IdeficsTokens::from_dir(files, builder.image_token().to_string())?;
+                let expansion = image_prompt_string(&tokens, px.rows, px.cols, per_tile);
+                (
+                    builder.image_prompt_expanded(text, &expansion)?,
+                    Pixels::Tiles(px),
+                )
+            }
         };
         Ok(ImagePrompt {
             image: label.to_string(),
@@ -186,6 +227,7 @@ impl Vision {
             (Vision::Qwen(v), Pixels::Patches { data, grid_thw }) => {
                 v.input(text, ids, data, grid_thw)
             }
+            (Vision::Idefics(v), Pixels::Tiles(px)) => v.input(text, ids, px),
             _ => Err(VerifyError::BadInput(
                 "the image prompt was prepared for another architecture".into(),
             )),

@@ -10,6 +10,9 @@
 //!   and end tokens); it becomes `<|image_pad|>` x N, N the merged patches of the image's grid.
 //! - Gemma 3: the template writes `<start_of_image>`; it becomes
 //!   `\n\n<start_of_image>` + `<image_soft_token>` x N + `<end_of_image>\n\n`.
+//! - Idefics3 / SmolVLM: the template writes `<image>`; it becomes the tile layout of
+//!   [`super::idefics::image_prompt_string`] (row/column tokens, the global image, `image_seq_len`
+//!   image tokens per tile), which the caller passes to [`PromptBuilder::image_prompt_expanded`].
 //! - PaliGemma (no chat template): `<image>` x N + bos + text + `\n`, tokenized without adding
 //!   special tokens.
 //!
@@ -35,6 +38,9 @@ pub enum ImagePlaceholder {
     },
     /// PaliGemma: image tokens, then bos, the text and a newline; no template.
     PaliGemma { token: String },
+    /// Idefics3 / SmolVLM: the template's image token becomes a text that depends on the image's
+    /// tiles ([`PromptBuilder::image_prompt_expanded`]).
+    Tiles { token: String },
 }
 
 /// Builds image prompts for one checkpoint.
@@ -190,6 +196,9 @@ impl PromptBuilder {
             "llava" | "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" => ImagePlaceholder::Repeat {
                 token: token_of(image_token_id, "image")?,
             },
+            "idefics3" | "smolvlm" => ImagePlaceholder::Tiles {
+                token: token_of(image_token_id, "image")?,
+            },
             "paligemma" => ImagePlaceholder::PaliGemma {
                 token: token_of(image_token_id, "image")?,
             },
@@ -275,6 +284,10 @@ impl PromptBuilder {
                 let full = format!("\n\n{boi}{}{eoi}\n\n", image.repeat(image_tokens));
                 (expand_once(&rendered, boi, &full)?, None)
             }
+            ImagePlaceholder::Tiles { .. } => return Err(VerifyError::Unsupported(
+                "this image placeholder depends on the image's tiles: use image_prompt_expanded"
+                    .into(),
+            )),
             ImagePlaceholder::PaliGemma { token } => {
                 let bos = self
                     .special
@@ -287,6 +300,36 @@ impl PromptBuilder {
                 )
             }
         };
+        self.encode(&expanded, add_special)
+    }
+
+    /// Token ids of an image prompt whose image placeholder (the template's image token) becomes
+    /// `expansion` (Idefics3 / SmolVLM tiles).
+    pub fn image_prompt_expanded(&self, text: &str, expansion: &str) -> Result<Vec<i32>> {
+        let token = match &self.placeholder {
+            ImagePlaceholder::Tiles { token } | ImagePlaceholder::Repeat { token } => token,
+            _ => {
+                return Err(VerifyError::Unsupported(
+                    "an explicit image expansion for this architecture".into(),
+                ))
+            }
+        };
+        let rendered = self.render(text)?;
+        self.encode(&expand_once(&rendered, token, expansion)?, None)
+    }
+
+    /// The image placeholder's token text (`<image>`, `<|image_pad|>`, ...).
+    pub fn image_token(&self) -> &str {
+        match &self.placeholder {
+            ImagePlaceholder::Repeat { token }
+            | ImagePlaceholder::Tiles { token }
+            | ImagePlaceholder::PaliGemma { token } => token,
+            ImagePlaceholder::Gemma3 { image, .. } => image,
+        }
+    }
+
+    /// Tokenizes a prompt; `add_special` `None`: unless it starts with the bos token.
+    fn encode(&self, expanded: &str, add_special: Option<bool>) -> Result<Vec<i32>> {
         let starts_with_bos = self
             .special
             .get("bos_token")
@@ -295,7 +338,7 @@ impl PromptBuilder {
         let add_special = add_special.unwrap_or(!starts_with_bos);
         let enc = self
             .tokenizer
-            .encode(expanded.as_str(), add_special)
+            .encode(expanded, add_special)
             .map_err(|e| VerifyError::BadInput(format!("tokenizing the prompt: {e}")))?;
         Ok(enc.get_ids().iter().map(|&i| i as i32).collect())
     }
