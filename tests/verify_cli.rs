@@ -122,7 +122,8 @@ fn swap_vision_layers(out: &Path) -> (String, String) {
         .find_map(|k| {
             names
                 .iter()
-                .filter(|n| n.starts_with("vision_tower."))
+                // Idefics3 / SmolVLM keep their tower under `vision_model.`.
+                .filter(|n| n.starts_with("vision_tower.") || n.starts_with("vision_model."))
                 .find_map(|n| {
                     n.find(&format!("{k}0."))
                         .map(|i| n[..i + k.len()].to_string())

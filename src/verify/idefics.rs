@@ -14,8 +14,10 @@
 //! patch embedding runs on the float32 pixels, the embeddings are cast to the tower's dtype, the
 //! tower's output back to float32 for the connector, whose features are cast to the token
 //! embeddings' dtype where they replace the image tokens. Its position ids bucket fractional patch
-//! coordinates in float32 as mlx-vlm does; for grids that are not powers of two (Idefics3's 26x26)
-//! that repeats some positions where transformers counts 0..n (measured: 2 of 26 per axis).
+//! coordinates in float32 as mlx-vlm does ([`position_ids`]); on grids that are not powers of two
+//! that repeats some positions where transformers counts 0..n: on Idefics3's 26x26 grid row (and
+//! column) 3 takes position 2 and rows 15..25 positions 14..24 (SmolVLM's 32x32 and the fixtures'
+//! grids are exact).
 
 use std::path::Path;
 
@@ -414,6 +416,34 @@ pub fn image_prompt_string(
     s
 }
 
+/// mlx-vlm's position ids of an `nb_h x nb_w` patch grid for a `side x side` position embedding:
+/// fractional coordinates `i / nb` (float32, clipped below 1) bucketed by the boundaries
+/// `arange(1/side, 1, 1/side)` (float32, MLX's arange), row-major. The float32 values come from MLX
+/// itself; comparing two float32 values is exact anywhere.
+pub fn position_ids(side: usize, nb_h: usize, nb_w: usize) -> Result<Vec<i32>> {
+    let n = side as f64;
+    let bounds = Array::arange(1.0 / n, 1.0, 1.0 / n, Dtype::F32)?.to_vec_f32()?;
+    let bucket = |nb: usize| -> Result<Vec<i32>> {
+        let hi = Array::scalar((1.0 - 1e-6) as f32, Dtype::F32)?;
+        let frac = Array::arange(0.0, nb as f64, 1.0, Dtype::F32)?
+            .divide(&Array::scalar(nb as f32, Dtype::F32)?)?
+            .clip(Some(&Array::scalar(0.0, Dtype::F32)?), Some(&hi))?
+            .to_vec_f32()?;
+        Ok(frac
+            .iter()
+            .map(|&f| bounds.iter().filter(|&&b| f >= b).count() as i32)
+            .collect())
+    };
+    let (bh, bw) = (bucket(nb_h)?, bucket(nb_w)?);
+    let mut ids = Vec::with_capacity(nb_h * nb_w);
+    for &h in &bh {
+        for &w in &bw {
+            ids.push(h * side as i32 + w);
+        }
+    }
+    Ok(ids)
+}
+
 struct LayerNorm {
     w: Array,
     b: Option<Array>,
@@ -507,13 +537,17 @@ impl IdeficsVision {
             )));
         }
         // mlx-vlm's SmolVLM default: one head per 64 features (16 otherwise).
-        let heads = get_usize(vc, "num_attention_heads").unwrap_or(if hidden % 64 == 0 {
+        let heads = get_usize(vc, "num_attention_heads").unwrap_or(if hidden.is_multiple_of(64) {
             hidden / 64
         } else {
             16
         });
         let image_size = get_usize(vc, "image_size").unwrap_or(224);
-        if heads == 0 || hidden % heads != 0 || scale_factor == 0 || image_size < patch_size {
+        if heads == 0
+            || !hidden.is_multiple_of(heads)
+            || scale_factor == 0
+            || image_size < patch_size
+        {
             return Err(cerr(format!(
                 "vision hidden size {hidden}, {heads} heads, image_size {image_size}, patch_size \
                  {patch_size}, scale_factor {scale_factor}"
@@ -588,32 +622,6 @@ impl IdeficsVision {
         patches / (self.scale_factor * self.scale_factor)
     }
 
-    /// mlx-vlm's position ids of a `nb_h x nb_w` patch grid: fractional coordinates `i / nb` (float32,
-    /// clipped below 1) bucketed by the boundaries `arange(1/side, 1, 1/side)` (float32), row-major.
-    fn position_ids(&self, nb_h: usize, nb_w: usize) -> Result<Vec<i32>> {
-        let n = self.side as f64;
-        let bounds = Array::arange(1.0 / n, 1.0, 1.0 / n, Dtype::F32)?.to_vec_f32()?;
-        let bucket = |nb: usize| -> Result<Vec<i32>> {
-            let hi = Array::scalar((1.0 - 1e-6) as f32, Dtype::F32)?;
-            let frac = Array::arange(0.0, nb as f64, 1.0, Dtype::F32)?
-                .divide(&Array::scalar(nb as f32, Dtype::F32)?)?
-                .clip(Some(&Array::scalar(0.0, Dtype::F32)?), Some(&hi))?
-                .to_vec_f32()?;
-            Ok(frac
-                .iter()
-                .map(|&f| bounds.iter().filter(|&&b| f >= b).count() as i32)
-                .collect())
-        };
-        let (bh, bw) = (bucket(nb_h)?, bucket(nb_w)?);
-        let mut ids = Vec::with_capacity(nb_h * nb_w);
-        for &h in &bh {
-            for &w in &bw {
-                ids.push(h * self.side as i32 + w);
-            }
-        }
-        Ok(ids)
-    }
-
     /// Image features `[T, text hidden]` (lazy) for the tiles `px`, in the connector's output dtype.
     /// Tiles that are exactly zero are dropped first (mlx-vlm's padding-image rule).
     pub fn features(&self, px: &IdeficsPixels) -> Result<Array> {
@@ -655,7 +663,7 @@ impl IdeficsVision {
         let (b, gh, gw, d) = (s[0] as i32, s[1], s[2], s[3] as i32);
         let len = (gh * gw) as i32;
         x = x.reshape(&[b, len, d])?;
-        let ids = self.position_ids(gh, gw)?;
+        let ids = position_ids(self.side, gh, gw)?;
         if ids
             .iter()
             .any(|&i| i < 0 || i as usize >= self.side * self.side)
@@ -699,7 +707,7 @@ impl IdeficsVision {
         let (b, seq, d) = (sh[0], sh[1], sh[2]);
         let side = (seq as f64).sqrt() as usize;
         let s = self.scale_factor;
-        if side * side != seq || side % s != 0 {
+        if side * side != seq || !side.is_multiple_of(s) {
             return Err(VerifyError::BadInput(format!(
                 "the pixel shuffle needs a square patch grid divisible by scale_factor {s}; the tiles \
                  give {seq} patches"
@@ -758,6 +766,21 @@ mod tests {
             image_prompt_string(&t, 1, 2, 1),
             "<f><row_1_col_1><i><f><row_1_col_2><i>\n\n<f><g><i><f>"
         );
+    }
+
+    #[test]
+    fn position_ids_as_mlx_vlm_buckets_them() {
+        crate::mlx::init().unwrap();
+        // Powers of two: the identity.
+        let ids = position_ids(8, 8, 8).unwrap();
+        assert_eq!(ids, (0..64).collect::<Vec<i32>>());
+        // Idefics3's 26x26 grid: mlx-vlm 0.7.10's buckets (measured), where transformers counts 0..26.
+        let buckets = [
+            0, 1, 2, 2, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 14, 15, 16, 17, 18, 19, 20, 21, 22,
+            23, 24,
+        ];
+        let ids = position_ids(26, 26, 1).unwrap();
+        assert_eq!(ids, buckets.map(|b| b * 26).to_vec());
     }
 
     #[test]
