@@ -295,3 +295,53 @@ fn idefics3_matches_transformers() {
 fn smolvlm_matches_transformers() {
     matches_transformers("smolvlm");
 }
+
+/// The source as transformers 5 saves it (fixtures' `variants/transformers5.json`: nested configs,
+/// `idefics3_vision`): the references built from it run the image prompt too, and the conversion
+/// passes at both levels with its structure exact.
+fn transformers5_source_verifies(arch: &str) {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    materialize(arch, Some("transformers5"), &src);
+    let out = t.path().join("out");
+    let (code, stdout, err) = run(&[
+        "--hf-path",
+        s(&src),
+        "--mlx-path",
+        s(&out),
+        "--json",
+        "--verify",
+        "--new-tokens",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{arch}: {err}\n{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let rep = &v["verify"];
+    assert_eq!(rep["passed"], true, "{arch}: {rep}");
+    for level in ["structure", "quality"] {
+        let last = rep[level]["prompts"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            last["image"], "synthetic test image",
+            "{arch} {level}: {rep}"
+        );
+        if level == "structure" {
+            assert_eq!(last["max_abs_diff"], 0.0, "{arch}: {rep}");
+        }
+    }
+    eprintln!("vision-idefics {arch:8} transformers-5 source: verify passed with the image prompt");
+}
+
+#[test]
+fn idefics3_transformers5_source_verifies() {
+    transformers5_source_verifies("idefics3");
+}
+
+#[test]
+fn smolvlm_transformers5_source_verifies() {
+    transformers5_source_verifies("smolvlm");
+}
