@@ -280,10 +280,13 @@ pub fn resize(img: &RgbImage, width: usize, height: usize, filter: Resample) -> 
         return Ok(resize_nearest(img, width, height));
     }
     // Two separable passes in Pillow's order: horizontal first, except that Pillow 13 runs the
-    // vertical pass first when the width grows while the height shrinks (measured against
-    // transformers' PIL processor: tests/qwen_vision.rs). The order changes the rounding between the
-    // passes, so it matters for byte-identical pixels.
-    let vertical_first = width > img.width && height < img.height;
+    // vertical pass first when the height shrinks by more than twice what the width shrinks
+    // (`ImagingResampleInner` in Pillow 13.0.0's Resample.c; a growing width counts as a negative
+    // shrink). The order changes the rounding between the passes, so it matters for byte-identical
+    // pixels (tests/qwen_vision.rs, tests/vision_idefics.rs).
+    let dy = img.height as i64 - height as i64;
+    let dx = img.width as i64 - width as i64;
+    let vertical_first = dy > 0 && dy > 2 * dx;
     let mut cur = img.clone();
     if vertical_first {
         cur = resize_vertical(&cur, height, filter);

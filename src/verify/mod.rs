@@ -25,6 +25,7 @@
 
 mod against;
 mod config;
+mod idefics;
 pub mod image;
 pub mod metrics;
 mod multimodal;
@@ -43,6 +44,10 @@ use std::path::PathBuf;
 
 pub use against::TensorCheck;
 pub use config::{ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig};
+pub use idefics::{
+    image_prompt_string, IdeficsImageProcessor, IdeficsPixels, IdeficsResize, IdeficsTokens,
+    IdeficsVision,
+};
 pub use multimodal::{ImagePrompt, Pixels, Vision, DEFAULT_IMAGE_TEXT, IMAGE_ARCHS};
 pub use pixtral::{
     pixtral_target_size, PixtralConfig, PixtralImageProcessor, PixtralPixels, PixtralVision,

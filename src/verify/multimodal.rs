@@ -15,6 +15,8 @@
 //!   ([`QwenVision`]), M-RoPE image positions, and Qwen3-VL's deepstack features;
 //! - Mistral 3: the image at its own patch-multiple size through the Pixtral encoder, the patch
 //!   merger and the projector ([`PixtralVision`]), `[IMG]` rows separated by `[IMG_BREAK]`.
+//! - Idefics3, SmolVLM: the image split into tiles plus a global image, each through the vision
+//!   transformer, then the pixel-shuffle connector ([`IdeficsVision`]).
 //!
 //! Architectures not listed in [`IMAGE_ARCHS`] are verified on text prompts only, and say so.
 
@@ -22,6 +24,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::idefics::{
+    image_prompt_string, IdeficsImageProcessor, IdeficsPixels, IdeficsTokens, IdeficsVision,
+};
 use super::image::{ImageProcessor, PixelValues, RgbImage};
 use super::pixtral::{PixtralImageProcessor, PixtralVision};
 use super::prompt::PromptBuilder;
@@ -41,13 +46,20 @@ pub const IMAGE_ARCHS: &[&str] = &[
     "qwen2_5_vl",
     "qwen3_vl",
     "mistral3",
+    "idefics3",
+    "smolvlm",
 ];
 
 /// The text of the image prompt when none is given.
 pub const DEFAULT_IMAGE_TEXT: &str = "Describe the image.";
 
 /// Tensor-name roots of the vision side of a converted directory.
-pub(crate) const VISION_ROOTS: &[&str] = &["vision_tower.", "multi_modal_projector."];
+pub(crate) const VISION_ROOTS: &[&str] = &[
+    "vision_tower.",
+    "multi_modal_projector.",
+    "vision_model.",
+    "connector.",
+];
 
 /// The pixels of one image prompt, as the architecture's processor produces them.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,6 +74,8 @@ pub enum Pixels {
     /// Mistral 3 (Pixtral): one image at its own size, `[1, 3, H, W]`, sides multiples of
     /// `patch_size * spatial_merge_size` (`(H, W)` is its `image_sizes` entry).
     Pixtral(PixelValues),
+    /// Idefics3 / SmolVLM: the image's tiles and their grid.
+    Tiles(IdeficsPixels),
 }
 
 /// An image prompt: the token ids (image placeholder expanded) and the pixels.
@@ -85,6 +99,8 @@ pub enum Vision {
     Qwen(QwenVision),
     /// Mistral 3: Pixtral encoder, patch merger and projector.
     Pixtral(PixtralVision),
+    /// Idefics3 / SmolVLM vision transformer and connector.
+    Idefics(IdeficsVision),
 }
 
 fn model_type(config: &Value) -> &str {
@@ -140,6 +156,11 @@ impl Vision {
                 dir, config, store,
             )?));
         }
+        if matches!(mt, "idefics3" | "smolvlm") {
+            return Ok(Vision::Idefics(IdeficsVision::from_store(
+                dir, config, store,
+            )?));
+        }
         Ok(Vision::Fixed(VisionModel::from_store(dir, config, store)?))
     }
 
@@ -183,6 +204,26 @@ impl Vision {
                     Pixels::Pixtral(px),
                 )
             }
+            Vision::Idefics(v) => {
+                let proc = IdeficsImageProcessor::from_dir(files)?;
+                let px = proc.preprocess(image)?;
+                let per_tile = v.tokens_per_tile(px.height, px.width);
+                if per_tile != proc.image_seq_len {
+                    return Err(VerifyError::Config {
+                        path: files.join("processor_config.json"),
+                        msg: format!(
+                            "`image_seq_len` is {} but the model gives {per_tile} features per                              {}x{} tile (vision patch_size and scale_factor in config.json)",
+                            proc.image_seq_len, px.width, px.height
+                        ),
+                    });
+                }
+                let tokens = IdeficsTokens::from_dir(files, builder.image_token().to_string())?;
+                let expansion = image_prompt_string(&tokens, px.rows, px.cols, per_tile);
+                (
+                    builder.image_prompt_expanded(text, &expansion)?,
+                    Pixels::Tiles(px),
+                )
+            }
         };
         Ok(ImagePrompt {
             image: label.to_string(),
@@ -213,6 +254,12 @@ impl Vision {
         match self {
             Vision::Fixed(_) => Ok(Pixels::Fixed(one_image()?)),
             Vision::Pixtral(_) => Ok(Pixels::Pixtral(one_image()?)),
+            // The tile grid (rows x columns) is not in `pixel_values`; such references are read
+            // with the image itself (`--image`).
+            Vision::Idefics(_) => Err(bad(
+                "Idefics3/SmolVLM tiles carry no grid; pass the reference's image with --image"
+                    .into(),
+            )),
             Vision::Qwen(v) => {
                 let grid =
                     grid_thw.ok_or_else(|| bad("Qwen-VL pixels need `image_grid_thw`".into()))?;
@@ -252,6 +299,7 @@ impl Vision {
                 v.input(text, ids, data, grid_thw)
             }
             (Vision::Pixtral(v), Pixels::Pixtral(px)) => v.input(text, ids, px),
+            (Vision::Idefics(v), Pixels::Tiles(px)) => v.input(text, ids, px),
             _ => Err(VerifyError::BadInput(
                 "the image prompt was prepared for another architecture".into(),
             )),

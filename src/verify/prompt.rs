@@ -10,6 +10,9 @@
 //!   and end tokens); it becomes `<|image_pad|>` x N, N the merged patches of the image's grid.
 //! - Gemma 3: the template writes `<start_of_image>`; it becomes
 //!   `\n\n<start_of_image>` + `<image_soft_token>` x N + `<end_of_image>\n\n`.
+//! - Idefics3 / SmolVLM: the template writes `<image>`; it becomes the tile layout of
+//!   [`super::idefics::image_prompt_string`] (row/column tokens, the global image, `image_seq_len`
+//!   image tokens per tile), which the caller passes to [`PromptBuilder::image_prompt_expanded`].
 //! - PaliGemma (no chat template): `<image>` x N + bos + text + `\n`, tokenized without adding
 //!   special tokens.
 //! - Mistral 3 (Pixtral): the template writes `[IMG]`; it becomes one row of `[IMG]` per merged
@@ -45,6 +48,9 @@ pub enum ImagePlaceholder {
         brk: String,
         end: String,
     },
+    /// Idefics3 / SmolVLM: the template's image token becomes a text that depends on the image's
+    /// tiles ([`PromptBuilder::image_prompt_expanded`]).
+    Tiles { token: String },
 }
 
 /// Builds image prompts for one checkpoint.
@@ -200,6 +206,9 @@ impl PromptBuilder {
             "llava" | "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" => ImagePlaceholder::Repeat {
                 token: token_of(image_token_id, "image")?,
             },
+            "idefics3" | "smolvlm" => ImagePlaceholder::Tiles {
+                token: token_of(image_token_id, "image")?,
+            },
             "paligemma" => ImagePlaceholder::PaliGemma {
                 token: token_of(image_token_id, "image")?,
             },
@@ -313,6 +322,10 @@ impl PromptBuilder {
                 let full = format!("\n\n{boi}{}{eoi}\n\n", image.repeat(image_tokens));
                 (expand_once(&rendered, boi, &full)?, None)
             }
+            ImagePlaceholder::Tiles { .. } => return Err(VerifyError::Unsupported(
+                "this image placeholder depends on the image's tiles: use image_prompt_expanded"
+                    .into(),
+            )),
             ImagePlaceholder::PaliGemma { token } => {
                 let bos = self
                     .special
@@ -351,8 +364,34 @@ impl PromptBuilder {
         self.encode(&expanded, None)
     }
 
-    /// Tokenizes an expanded prompt; `add_special` `None`: add special tokens unless the prompt
-    /// already starts with the bos token.
+    /// Token ids of an image prompt whose image placeholder (the template's image token) becomes
+    /// `expansion` (Idefics3 / SmolVLM tiles).
+    pub fn image_prompt_expanded(&self, text: &str, expansion: &str) -> Result<Vec<i32>> {
+        let token = match &self.placeholder {
+            ImagePlaceholder::Tiles { token } | ImagePlaceholder::Repeat { token } => token,
+            _ => {
+                return Err(VerifyError::Unsupported(
+                    "an explicit image expansion for this architecture".into(),
+                ))
+            }
+        };
+        let rendered = self.render(text)?;
+        self.encode(&expand_once(&rendered, token, expansion)?, None)
+    }
+
+    /// The image placeholder's token text (`<image>`, `<|image_pad|>`, ...).
+    pub fn image_token(&self) -> &str {
+        match &self.placeholder {
+            ImagePlaceholder::Repeat { token }
+            | ImagePlaceholder::Tiles { token }
+            | ImagePlaceholder::PaliGemma { token } => token,
+            ImagePlaceholder::Gemma3 { image, .. } | ImagePlaceholder::Pixtral { image, .. } => {
+                image
+            }
+        }
+    }
+
+    /// Tokenizes a prompt; `add_special` `None`: unless it starts with the bos token.
     fn encode(&self, expanded: &str, add_special: Option<bool>) -> Result<Vec<i32>> {
         let starts_with_bos = self
             .special
