@@ -24,6 +24,7 @@
 //! ```
 
 mod against;
+pub mod anyres;
 mod config;
 pub mod image;
 pub mod metrics;

@@ -11,6 +11,8 @@
 //! Per architecture:
 //! - LLaVA, PaliGemma, Gemma 3: a fixed-size image through CLIP/SigLIP and the projector
 //!   ([`VisionModel`]);
+//! - LLaVA-NeXT, LLaVA-OneVision: any-res tiles through CLIP/SigLIP, packed features
+//!   ([`AnyResVision`]);
 //! - Qwen2-VL, Qwen2.5-VL, Qwen3-VL: dynamic resolution, the patch-merging vision transformer
 //!   ([`QwenVision`]), M-RoPE image positions, and Qwen3-VL's deepstack features.
 //!
@@ -20,6 +22,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::anyres::{AnyResKind, AnyResPixels, AnyResProcessor, AnyResVision};
 use super::image::{ImageProcessor, PixelValues, RgbImage};
 use super::prompt::PromptBuilder;
 use super::qwen_image::QwenImageProcessor;
@@ -37,13 +40,16 @@ pub const IMAGE_ARCHS: &[&str] = &[
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
+    "llava_next",
+    "llava_onevision",
 ];
 
 /// The text of the image prompt when none is given.
 pub const DEFAULT_IMAGE_TEXT: &str = "Describe the image.";
 
 /// Tensor-name roots of the vision side of a converted directory.
-pub(crate) const VISION_ROOTS: &[&str] = &["vision_tower.", "multi_modal_projector."];
+pub(crate) const VISION_ROOTS: &[&str] =
+    &["vision_tower.", "multi_modal_projector.", "image_newline"];
 
 /// The pixels of one image prompt, as the architecture's processor produces them.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +61,8 @@ pub enum Pixels {
         data: Vec<f32>,
         grid_thw: Vec<[usize; 3]>,
     },
+    /// LLaVA-NeXT / LLaVA-OneVision: the base image and the any-res tiles.
+    Tiles(AnyResPixels),
 }
 
 /// An image prompt: the token ids (image placeholder expanded) and the pixels.
@@ -76,6 +84,8 @@ pub enum Vision {
     Fixed(VisionModel),
     /// Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision transformer.
     Qwen(QwenVision),
+    /// LLaVA-NeXT / LLaVA-OneVision: tiles through CLIP/SigLIP, packed features.
+    AnyRes(AnyResVision),
 }
 
 fn model_type(config: &Value) -> &str {
@@ -117,6 +127,11 @@ impl Vision {
                 IMAGE_ARCHS.join(", ")
             )));
         }
+        if AnyResKind::from_model_type(mt).is_some() {
+            return Ok(Vision::AnyRes(AnyResVision::from_store(
+                dir, config, store,
+            )?));
+        }
         if QwenVisionKind::from_model_type(mt).is_some() {
             let cfg = QwenVisionConfig::from_config(config, &dir.join("config.json"))?;
             return Ok(Vision::Qwen(QwenVision::from_store(
@@ -147,6 +162,13 @@ impl Vision {
                 (
                     builder.image_prompt(text, v.tokens_per_image())?,
                     Pixels::Fixed(px),
+                )
+            }
+            Vision::AnyRes(v) => {
+                let px = AnyResProcessor::from_dir(files)?.preprocess(image)?;
+                (
+                    builder.image_prompt(text, v.image_tokens(px.image_size)?)?,
+                    Pixels::Tiles(px),
                 )
             }
             Vision::Qwen(_) => {
@@ -186,6 +208,7 @@ impl Vision {
             (Vision::Qwen(v), Pixels::Patches { data, grid_thw }) => {
                 v.input(text, ids, data, grid_thw)
             }
+            (Vision::AnyRes(v), Pixels::Tiles(px)) => v.input(text, ids, px),
             _ => Err(VerifyError::BadInput(
                 "the image prompt was prepared for another architecture".into(),
             )),
