@@ -545,15 +545,27 @@ impl AnyResVision {
     }
 
     /// The processor's image-token count for an image of `image_size` `(height, width)`.
+    ///
+    /// Unsupported when the packing gives another count: mlx-vlm's OneVision truncates the unpadded
+    /// height or width where the processor rounds it, which on rare sizes (110x176 on the fixture's
+    /// pinpoints) changes the unpadding, and mlx-vlm then fails on the token count too.
     pub fn image_tokens(&self, image_size: (usize, usize)) -> Result<usize> {
-        image_tokens(
+        let n = image_tokens(
             self.kind,
             image_size,
             &self.pinpoints,
             self.tower.image_size(),
             self.tower.patches_per_side(),
             self.max_tiles,
-        )
+        )?;
+        let packed = self.layout(image_size)?.tokens();
+        if packed != n {
+            return Err(VerifyError::Unsupported(format!(
+                "a {}x{} image: the processor writes {n} image tokens but mlx-vlm's packing gives                  {packed} features (mlx-vlm fails on it too); use an image of another size",
+                image_size.1, image_size.0
+            )));
+        }
+        Ok(n)
     }
 
     fn layout(&self, image_size: (usize, usize)) -> Result<Layout> {
@@ -756,6 +768,31 @@ mod tests {
         assert_eq!(
             unpad_window((20, 100), (8, 16), Unpad::Round7),
             (2, 0, 4, 16)
+        );
+    }
+
+    #[test]
+    fn processor_and_packing_counts_can_disagree() {
+        let mut ov = Vec::new();
+        for h in 1..=6 {
+            for w in 1..=6 {
+                ov.push((28 * h, 28 * w));
+            }
+        }
+        let count = |size, rounding| {
+            Layout::new(size, &ov, 28, 4, rounding, Some(9))
+                .unwrap()
+                .tokens()
+        };
+        // 110 high, 176 wide on a 16x24 grid: 110 * (24 / 176) is 14.999..., so the unpadded grid
+        // keeps 14 rows (truncated; padding 1) or 16 (rounded to 15; padding 0).
+        assert_ne!(
+            count((110, 176), Unpad::Truncate),
+            count((110, 176), Unpad::Round7)
+        );
+        assert_eq!(
+            count((72, 96), Unpad::Truncate),
+            count((72, 96), Unpad::Round7)
         );
     }
 
