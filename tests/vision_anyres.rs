@@ -11,7 +11,12 @@
 //!   (`fixtures/golden/reference/<arch>.image.safetensors`, made by `tests/py/anyres_golden.py`:
 //!   `scripts/reference_logits.py` with the PIL image processor).
 //!
-//! Prints `anyres <arch> ... max|diff| ...` (`--nocapture`).
+//! Prints `anyres <arch> ... max|diff| ...` (`--nocapture`). Measured on the fixtures: pixels exact on
+//! the synthetic image (elsewhere one or two 8-bit levels on some pixels, see below), ids equal at
+//! every size; features, embeddings and logits bit-identical to mlx-vlm's; float32 logits within
+//! 4.1e-6 (LLaVA-NeXT, 97 tokens) and 5.6e-6 (OneVision, 182 tokens, including mlx-vlm's bilinear
+//! downsampling where transformers calls torch's `interpolate`) of transformers', top-1 and greedy
+//! tokens equal.
 #![cfg(feature = "mlx")]
 
 mod common;

@@ -187,11 +187,13 @@ impl PromptBuilder {
         let placeholder = match model_type {
             // Qwen-VL templates write `<|vision_start|><|image_pad|><|vision_end|>`; the processor
             // repeats the pad token once per merged patch.
-            "llava" | "llava_next" | "llava_onevision" | "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" => {
-                ImagePlaceholder::Repeat {
-                    token: token_of(image_token_id, "image")?,
-                }
-            }
+            "llava" | "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" => ImagePlaceholder::Repeat {
+                token: token_of(image_token_id, "image")?,
+            },
+            // Any-res: one `<image>` per packed feature (base tile, unpadded grid, newlines).
+            "llava_next" | "llava_onevision" => ImagePlaceholder::Repeat {
+                token: token_of(image_token_id, "image")?,
+            },
             "paligemma" => ImagePlaceholder::PaliGemma {
                 token: token_of(image_token_id, "image")?,
             },
