@@ -24,6 +24,7 @@
 //! ```
 
 mod against;
+pub mod anyres;
 mod config;
 mod idefics;
 pub mod image;

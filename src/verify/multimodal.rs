@@ -11,6 +11,8 @@
 //! Per architecture:
 //! - LLaVA, PaliGemma, Gemma 3: a fixed-size image through CLIP/SigLIP and the projector
 //!   ([`VisionModel`]);
+//! - LLaVA-NeXT, LLaVA-OneVision: any-res tiles through CLIP/SigLIP, packed features
+//!   ([`AnyResVision`]);
 //! - Qwen2-VL, Qwen2.5-VL, Qwen3-VL: dynamic resolution, the patch-merging vision transformer
 //!   ([`QwenVision`]), M-RoPE image positions, and Qwen3-VL's deepstack features;
 //! - Mistral 3: the image at its own patch-multiple size through the Pixtral encoder, the patch
@@ -24,6 +26,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::anyres::{AnyResKind, AnyResPixels, AnyResProcessor, AnyResVision};
 use super::idefics::{
     image_prompt_string, IdeficsImageProcessor, IdeficsPixels, IdeficsTokens, IdeficsVision,
 };
@@ -48,6 +51,8 @@ pub const IMAGE_ARCHS: &[&str] = &[
     "mistral3",
     "idefics3",
     "smolvlm",
+    "llava_next",
+    "llava_onevision",
 ];
 
 /// The text of the image prompt when none is given.
@@ -57,6 +62,7 @@ pub const DEFAULT_IMAGE_TEXT: &str = "Describe the image.";
 pub(crate) const VISION_ROOTS: &[&str] = &[
     "vision_tower.",
     "multi_modal_projector.",
+    "image_newline",
     "vision_model.",
     "connector.",
 ];
@@ -76,6 +82,8 @@ pub enum Pixels {
     Pixtral(PixelValues),
     /// Idefics3 / SmolVLM: the image's tiles and their grid.
     Tiles(IdeficsPixels),
+    /// LLaVA-NeXT / LLaVA-OneVision: the base image and the any-res tiles.
+    AnyRes(AnyResPixels),
 }
 
 /// An image prompt: the token ids (image placeholder expanded) and the pixels.
@@ -101,6 +109,8 @@ pub enum Vision {
     Pixtral(PixtralVision),
     /// Idefics3 / SmolVLM vision transformer and connector.
     Idefics(IdeficsVision),
+    /// LLaVA-NeXT / LLaVA-OneVision: tiles through CLIP/SigLIP, packed features.
+    AnyRes(AnyResVision),
 }
 
 fn model_type(config: &Value) -> &str {
@@ -142,6 +152,11 @@ impl Vision {
                 IMAGE_ARCHS.join(", ")
             )));
         }
+        if AnyResKind::from_model_type(mt).is_some() {
+            return Ok(Vision::AnyRes(AnyResVision::from_store(
+                dir, config, store,
+            )?));
+        }
         if QwenVisionKind::from_model_type(mt).is_some() {
             let cfg = QwenVisionConfig::from_config(config, &dir.join("config.json"))?;
             return Ok(Vision::Qwen(QwenVision::from_store(
@@ -182,6 +197,13 @@ impl Vision {
                 (
                     builder.image_prompt(text, v.tokens_per_image())?,
                     Pixels::Fixed(px),
+                )
+            }
+            Vision::AnyRes(v) => {
+                let px = AnyResProcessor::from_dir(files)?.preprocess(image)?;
+                (
+                    builder.image_prompt(text, v.image_tokens(px.image_size)?)?,
+                    Pixels::AnyRes(px),
                 )
             }
             Vision::Qwen(_) => {
@@ -254,10 +276,10 @@ impl Vision {
         match self {
             Vision::Fixed(_) => Ok(Pixels::Fixed(one_image()?)),
             Vision::Pixtral(_) => Ok(Pixels::Pixtral(one_image()?)),
-            // The tile grid (rows x columns) is not in `pixel_values`; such references are read
-            // with the image itself (`--image`).
-            Vision::Idefics(_) => Err(bad(
-                "Idefics3/SmolVLM tiles carry no grid; pass the reference's image with --image"
+            // Tiles: the layout (Idefics3's rows x columns, any-res's original image size) is not
+            // in `pixel_values`; such references are read with the image itself (`--image`).
+            Vision::Idefics(_) | Vision::AnyRes(_) => Err(bad(
+                "tiled pixels do not say how the image was tiled; pass the reference's image with --image"
                     .into(),
             )),
             Vision::Qwen(v) => {
@@ -300,6 +322,7 @@ impl Vision {
             }
             (Vision::Pixtral(v), Pixels::Pixtral(px)) => v.input(text, ids, px),
             (Vision::Idefics(v), Pixels::Tiles(px)) => v.input(text, ids, px),
+            (Vision::AnyRes(v), Pixels::AnyRes(px)) => v.input(text, ids, px),
             _ => Err(VerifyError::BadInput(
                 "the image prompt was prepared for another architecture".into(),
             )),

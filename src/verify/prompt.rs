@@ -209,6 +209,10 @@ impl PromptBuilder {
             "idefics3" | "smolvlm" => ImagePlaceholder::Tiles {
                 token: token_of(image_token_id, "image")?,
             },
+            // Any-res: one `<image>` per packed feature (base tile, unpadded grid, newlines).
+            "llava_next" | "llava_onevision" => ImagePlaceholder::Repeat {
+                token: token_of(image_token_id, "image")?,
+            },
             "paligemma" => ImagePlaceholder::PaliGemma {
                 token: token_of(image_token_id, "image")?,
             },

@@ -30,7 +30,13 @@ use super::weights::{Linear, Store};
 use super::{Precision, Result, VerifyError};
 
 /// The vision architectures [`VisionModel`] runs, by top-level `model_type`.
-pub const SUPPORTED_VISION: &[&str] = &["llava", "paligemma", "gemma3"];
+pub const SUPPORTED_VISION: &[&str] = &[
+    "llava",
+    "paligemma",
+    "gemma3",
+    "llava_next",
+    "llava_onevision",
+];
 
 /// How the features leave the tower and enter the language model.
 #[derive(Debug, Clone, PartialEq)]
@@ -190,7 +196,7 @@ impl VisionModel {
         // mlx-vlm's ModelConfig defaults where config.json is silent.
         let top_hidden = get_usize(config, "hidden_size").unwrap_or(2048);
         let (arch, act, ln_eps_default, pad_token_id) = match model_type.as_str() {
-            "llava" => {
+            "llava" | "llava_next" | "llava_onevision" => {
                 let layers = match config.get("vision_feature_layer") {
                     None | Some(Value::Null) => vec![-2],
                     Some(Value::Array(a)) => a
@@ -215,13 +221,19 @@ impl VisionModel {
                         )))
                     }
                 };
+                // LLaVA-OneVision's SigLIP tower: mlx-vlm's tanh-GELU MLP and SigLIP's default eps.
+                let (act, eps) = if model_type == "llava_onevision" {
+                    (Act::GeluTanh, 1e-6)
+                } else {
+                    (Act::FastGelu, 1e-5)
+                };
                 (
                     VisionArch::Llava {
                         feature_layers: layers,
                         drop_cls,
                     },
-                    Act::FastGelu,
-                    1e-5,
+                    act,
+                    eps,
                     None,
                 )
             }
@@ -379,11 +391,24 @@ impl VisionModel {
         self.image_token_id
     }
 
+    /// The side, in pixels, of the square images the tower takes.
+    pub fn image_size(&self) -> usize {
+        self.image_size
+    }
+
+    /// Patches per side of one image (`image_size / patch_size`).
+    pub fn patches_per_side(&self) -> usize {
+        self.image_size / self.patch_size
+    }
+
     /// Image features (tokens) per image.
     pub fn tokens_per_image(&self) -> usize {
         let grid = self.image_size / self.patch_size;
         match &self.arch {
-            VisionArch::Llava { drop_cls, .. } => grid * grid + usize::from(!drop_cls),
+            // The class token (CLIP only) unless the `default` strategy drops the first token.
+            VisionArch::Llava { drop_cls, .. } => {
+                grid * grid + usize::from(self.class_emb.is_some()) - usize::from(*drop_cls)
+            }
             VisionArch::PaliGemma { .. } => grid * grid,
             VisionArch::Gemma3 {
                 tokens_per_image, ..
@@ -407,39 +432,7 @@ impl VisionModel {
             _ => self.tower(&pixels.astype(embed_dtype)?)?,
         };
         match (&self.arch, &self.projector) {
-            (
-                VisionArch::Llava {
-                    feature_layers,
-                    drop_cls,
-                },
-                Projector::Llava { l1, l2 },
-            ) => {
-                let n = states.len() as i64;
-                let mut picked = Vec::new();
-                for &i in feature_layers {
-                    let idx = if i < 0 { n + i } else { i };
-                    let s = usize::try_from(idx)
-                        .ok()
-                        .and_then(|k| states.get(k))
-                        .ok_or_else(|| {
-                            VerifyError::BadInput(format!(
-                                "vision_feature_layer {i}: the tower has {n} hidden states"
-                            ))
-                        })?;
-                    picked.push(if *drop_cls {
-                        drop_first_token(s)?
-                    } else {
-                        s.try_clone()?
-                    });
-                }
-                let refs: Vec<&Array> = picked.iter().collect();
-                let x = if refs.len() == 1 {
-                    picked.remove(0)
-                } else {
-                    mlx::concatenate(&refs, -1)?
-                };
-                l2.forward(&l1.forward(&x)?.gelu()?)
-            }
+            (VisionArch::Llava { .. }, _) => self.llava_project(&states),
             (VisionArch::PaliGemma { .. }, Projector::PaliGemma { linear }) => {
                 let last = states
                     .last()
@@ -479,7 +472,66 @@ impl VisionModel {
         }
     }
 
-    /// The tower: every hidden state (`[embeddings (after pre_layrnorm), layer 0, ...]`).
+    /// Features `[B, tokens, text hidden]` (lazy) of a batch of tiles `[B, H, W, 3]` (channel-last,
+    /// float32, each at the tower's size), as mlx-vlm's LLaVA-NeXT and LLaVA-OneVision run their
+    /// tiles: one batched tower pass, the selected hidden states, the projector. LLaVA-style
+    /// architectures only.
+    pub(crate) fn tile_features(&self, tiles: &Array) -> Result<Array> {
+        let s = tiles.shape()?;
+        if s.len() != 4 || s[1] != self.image_size || s[2] != self.image_size || s[3] != 3 {
+            return Err(VerifyError::BadInput(format!(
+                "image tiles of shape {s:?}; the vision tower takes [tiles, {n}, {n}, 3]",
+                n = self.image_size
+            )));
+        }
+        let states = self.tower(tiles)?;
+        self.llava_project(&states)
+    }
+
+    /// The LLaVA projector over the selected hidden state(s) (`vision_feature_layer`, class token
+    /// dropped under the `default` strategy).
+    fn llava_project(&self, states: &[Array]) -> Result<Array> {
+        let (
+            VisionArch::Llava {
+                feature_layers,
+                drop_cls,
+            },
+            Projector::Llava { l1, l2 },
+        ) = (&self.arch, &self.projector)
+        else {
+            return Err(VerifyError::Unsupported(
+                "the LLaVA projector on a non-LLaVA vision model".into(),
+            ));
+        };
+        let n = states.len() as i64;
+        let mut picked = Vec::new();
+        for &i in feature_layers {
+            let idx = if i < 0 { n + i } else { i };
+            let s = usize::try_from(idx)
+                .ok()
+                .and_then(|k| states.get(k))
+                .ok_or_else(|| {
+                    VerifyError::BadInput(format!(
+                        "vision_feature_layer {i}: the tower has {n} hidden states"
+                    ))
+                })?;
+            picked.push(if *drop_cls {
+                drop_first_token(s)?
+            } else {
+                s.try_clone()?
+            });
+        }
+        let refs: Vec<&Array> = picked.iter().collect();
+        let x = if refs.len() == 1 {
+            picked.remove(0)
+        } else {
+            mlx::concatenate(&refs, -1)?
+        };
+        l2.forward(&l1.forward(&x)?.gelu()?)
+    }
+
+    /// The tower: every hidden state (`[embeddings (after pre_layrnorm), layer 0, ...]`) of a batch
+    /// `[B, H, W, 3]`.
     fn tower(&self, pixels: &Array) -> Result<Vec<Array>> {
         let p = self.patch_size as i32;
         let mut x = pixels.conv2d(&self.patch_w, (p, p), (0, 0))?;
@@ -487,10 +539,15 @@ impl VisionModel {
             x = x.add(b)?;
         }
         let s = x.shape()?;
-        let (n, d) = ((s[1] * s[2]) as i32, s[3] as i32);
-        x = x.reshape(&[1, n, d])?;
+        let (b, n, d) = (s[0] as i32, (s[1] * s[2]) as i32, s[3] as i32);
+        x = x.reshape(&[b, n, d])?;
         if let Some(cls) = &self.class_emb {
-            let cls = cls.reshape(&[1, 1, d])?.astype(x.dtype()?)?;
+            // One class token per image of the batch (a gather broadcasts it).
+            let rows = Array::from_slice(&vec![0i32; b as usize], &[b as usize])?;
+            let cls = cls
+                .reshape(&[1, 1, d])?
+                .astype(x.dtype()?)?
+                .take(&rows, 0)?;
             x = mlx::concatenate(&[&cls, &x], 1)?;
         }
         let positions = x.shape()?[1];
@@ -512,14 +569,14 @@ impl VisionModel {
         for l in &self.layers {
             let y = l.norm1.forward(&x)?;
             let split = |a: Array| -> Result<Array> {
-                Ok(a.reshape(&[1, len, heads, hd])?.transpose(&[0, 2, 1, 3])?)
+                Ok(a.reshape(&[b, len, heads, hd])?.transpose(&[0, 2, 1, 3])?)
             };
             let q = split(l.q.forward(&y)?)?;
             let k = split(l.k.forward(&y)?)?;
             let v = split(l.v.forward(&y)?)?;
             let o = fast::scaled_dot_product_attention(&q, &k, &v, scale, fast::Mask::None)?
                 .transpose(&[0, 2, 1, 3])?
-                .reshape(&[1, len, d])?;
+                .reshape(&[b, len, d])?;
             x = x.add(&l.o.forward(&o)?)?;
             let h = l.fc1.forward(&l.norm2.forward(&x)?)?;
             let h = match self.act {
