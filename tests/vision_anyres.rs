@@ -76,7 +76,7 @@ fn images(dir: &Path) -> Vec<(String, RgbImage)> {
 
 fn tiles(p: &ImagePrompt) -> &AnyResPixels {
     match &p.pixels {
-        Pixels::Tiles(px) => px,
+        Pixels::AnyRes(px) => px,
         other => panic!("not any-res pixels: {other:?}"),
     }
 }

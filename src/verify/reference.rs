@@ -42,7 +42,8 @@ pub struct RefPrompt {
 pub struct RefImage {
     /// The image file's name, as recorded.
     pub name: String,
-    /// The processor's `pixel_values`, row-major, and their shape.
+    /// The processor's `pixel_values`, row-major, and their shape; empty when the file holds none
+    /// (made without them to keep it small): verify then preprocesses the image itself (`--image`).
     pub pixel_values: Vec<f32>,
     pub shape: Vec<usize>,
     /// Qwen-VL's `image_grid_thw` (one `[t, h, w]` per image).
@@ -229,7 +230,12 @@ impl Reference {
             });
         }
         let image = match file.tensors.get("pixel_values") {
-            None => None,
+            None => meta("image").map(|name| RefImage {
+                name,
+                pixel_values: Vec::new(),
+                shape: Vec::new(),
+                grid_thw: None,
+            }),
             Some(info) => {
                 if info.dtype != DType::F32 {
                     return Err(bad(
@@ -336,7 +342,7 @@ impl Reference {
                 logits.iter().flat_map(|x| x.to_le_bytes()).collect(),
             ),
         ];
-        if let Some(img) = &self.image {
+        if let Some(img) = self.image.as_ref().filter(|i| !i.pixel_values.is_empty()) {
             tensors.push((
                 TensorLayout {
                     name: "pixel_values".into(),

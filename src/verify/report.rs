@@ -361,6 +361,14 @@ fn debug_diff<T: std::fmt::Debug>(a: &T, b: &T) -> Vec<String> {
     out
 }
 
+/// Where the image prompt's processor, tokenizer and template come from: the converted directory,
+/// as mlx-vlm would load them; the source's when the conversion lacks them.
+fn prompt_files<'a>(opts: &'a VerifyOptions, source_dir: Option<&'a Path>) -> Vec<&'a Path> {
+    let mut files = vec![opts.mlx_path.as_path()];
+    files.extend(source_dir);
+    files
+}
+
 /// The image prompt for `opts`, built with the converted model's `vision` side (`None`: its
 /// architecture has no image path), or `None` with a note when there is none to run.
 fn prepare_image(
@@ -393,12 +401,8 @@ fn prepare_image(
         _ => (RgbImage::synthetic(), "synthetic test image".to_string()),
     };
     let text = opts.image_text.as_deref().unwrap_or(DEFAULT_IMAGE_TEXT);
-    // The converted directory's own processor files, as mlx-vlm would load them; the source's when
-    // the conversion lacks them (its tensors are what is verified).
-    let mut files = vec![opts.mlx_path.as_path()];
-    files.extend(source_dir);
     let mut last = None;
-    for f in files {
+    for f in prompt_files(opts, source_dir) {
         match vision.prompt(f, config, &img, &label, text) {
             Ok(p) => return Ok(Some(p)),
             Err(e @ (VerifyError::Unsupported(_) | VerifyError::Input(_))) => last = Some(e),
@@ -511,24 +515,64 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                     IMAGE_ARCHS.join(", ")
                 ))
             })?;
-            if matches!(opts.image, ImageChoice::File(_)) {
-                notes.push("--image ignored: the reference file's image is used".into());
+            match &opts.image {
+                // The image itself: our preprocessing, the reference's texts; the ids must agree.
+                ImageChoice::File(file) => {
+                    let rgb = RgbImage::open(file)?;
+                    let mut out = Vec::with_capacity(r.prompts.len());
+                    for (i, p) in r.prompts.iter().enumerate() {
+                        let text = p.text.as_deref().ok_or_else(|| VerifyError::Reference {
+                            path: path.clone(),
+                            msg: format!("prompt {i} has no text in the `prompts` metadata"),
+                        })?;
+                        let mut ip = prompt_files(opts, source.as_ref().map(|s| s.dir()))
+                            .into_iter()
+                            .find_map(|f| vision.prompt(f, &layout.config, &rgb, &img.name, text).ok())
+                            .ok_or_else(|| {
+                                VerifyError::Unsupported(format!(
+                                    "cannot build the image prompt from {}'s processor files",
+                                    dir.display()
+                                ))
+                            })?;
+                        if ip.ids != p.ids {
+                            return Err(VerifyError::Reference {
+                                path: path.clone(),
+                                msg: format!(
+                                    "prompt {i}: {} with this checkpoint's processor gives other token ids than the reference's; was it made with another image or processor?",
+                                    file.display()
+                                ),
+                            });
+                        }
+                        ip.image = file.display().to_string();
+                        out.push(ip);
+                    }
+                    out
+                }
+                _ if img.pixel_values.is_empty() => {
+                    return Err(VerifyError::BadInput(format!(
+                        "{} holds image prompts made with `{}` but not its pixel values: pass that image with --image",
+                        path.display(),
+                        img.name
+                    )))
+                }
+                _ => {
+                    let pixels = vision
+                        .pixels(&img.pixel_values, &img.shape, img.grid_thw.as_deref())
+                        .map_err(|e| VerifyError::Reference {
+                            path: path.clone(),
+                            msg: e.to_string(),
+                        })?;
+                    r.prompts
+                        .iter()
+                        .map(|p| ImagePrompt {
+                            image: img.name.clone(),
+                            text: p.text.clone().unwrap_or_default(),
+                            ids: p.ids.clone(),
+                            pixels: pixels.clone(),
+                        })
+                        .collect()
+                }
             }
-            let pixels = vision
-                .pixels(&img.pixel_values, &img.shape, img.grid_thw.as_deref())
-                .map_err(|e| VerifyError::Reference {
-                    path: path.clone(),
-                    msg: e.to_string(),
-                })?;
-            r.prompts
-                .iter()
-                .map(|p| ImagePrompt {
-                    image: img.name.clone(),
-                    text: p.text.clone().unwrap_or_default(),
-                    ids: p.ids.clone(),
-                    pixels: pixels.clone(),
-                })
-                .collect()
         }
         _ if opts.image == ImageChoice::Off => Vec::new(),
         _ => prepare_image(
@@ -917,6 +961,28 @@ mod tests {
             .iter()
             .flatten()
             .all(|&t| (0..10).contains(&t) && t != 5 && t != 7));
+    }
+
+    #[test]
+    fn architectures_without_an_image_path_are_text_only() {
+        let cfg = serde_json::json!({"model_type": "newvlm", "vision_config": {}});
+        let mut opts = VerifyOptions::default();
+        let mut notes = Vec::new();
+        assert!(prepare_image(&opts, None, &cfg, None, &mut notes)
+            .unwrap()
+            .is_none());
+        assert!(notes[0].starts_with("text prompts only") && notes[0].contains("newvlm"));
+        // A text-only model (no vision_config) needs no note.
+        let mut quiet = Vec::new();
+        let text = serde_json::json!({"model_type": "newlm"});
+        assert!(prepare_image(&opts, None, &text, None, &mut quiet)
+            .unwrap()
+            .is_none());
+        assert!(quiet.is_empty());
+        // Asking for an image explicitly is an error, not a silent text-only run.
+        opts.image = ImageChoice::File("photo.jpg".into());
+        let e = prepare_image(&opts, None, &cfg, None, &mut notes).unwrap_err();
+        assert!(matches!(e, VerifyError::Unsupported(_)), "{e}");
     }
 
     #[test]
