@@ -255,6 +255,12 @@ impl Vision {
         })
     }
 
+    /// Whether the image enters as tiles whose layout the pixel values alone do not give (any-res,
+    /// Idefics3 splitting).
+    pub fn tiled(&self) -> bool {
+        matches!(self, Vision::AnyRes(_) | Vision::Idefics(_))
+    }
+
     /// [`Pixels`] for this architecture from a processor's `pixel_values` (`shape` as stored) and,
     /// for Qwen-VL, its `image_grid_thw`: what a reference file made by transformers holds.
     pub fn pixels(

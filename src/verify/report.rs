@@ -527,7 +527,9 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                         })?;
                         let mut ip = prompt_files(opts, source.as_ref().map(|s| s.dir()))
                             .into_iter()
-                            .find_map(|f| vision.prompt(f, &layout.config, &rgb, &img.name, text).ok())
+                            .find_map(|f| {
+                                vision.prompt(f, &layout.config, &rgb, &img.name, text).ok()
+                            })
                             .ok_or_else(|| {
                                 VerifyError::Unsupported(format!(
                                     "cannot build the image prompt from {}'s processor files",
@@ -548,12 +550,17 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                     }
                     out
                 }
-                _ if img.pixel_values.is_empty() => {
+                _ if img.pixel_values.is_empty() || vision.tiled() => {
+                    let why = if img.pixel_values.is_empty() {
+                        "not its pixel values"
+                    } else {
+                        "tiled pixel values that do not say how the image was tiled"
+                    };
                     return Err(VerifyError::BadInput(format!(
-                        "{} holds image prompts made with `{}` but not its pixel values: pass that image with --image",
+                        "{} holds image prompts made with `{}` but {why}: pass that image with --image",
                         path.display(),
                         img.name
-                    )))
+                    )));
                 }
                 _ => {
                     let pixels = vision
