@@ -904,6 +904,56 @@ fn image_prompt_options() {
     assert_eq!(code, 2, "a missing image is a usage error: {err}");
     assert!(err.contains("nope.png") && err.contains("--image"), "{err}");
 
+    // References and --image: a file with usable pixel values runs on them (--image is ignored,
+    // with a note); a tiled reference needs its own image, named as recorded.
+    let golden = |a: &str| root().join(format!("fixtures/golden/reference/{a}.image.safetensors"));
+    let (code, rep, err) = verify(&[
+        "--mlx-path",
+        s(&out),
+        "--reference",
+        s(&golden("llava")),
+        "--image",
+        s(&photo),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        rep["notes"].to_string().contains("--image ignored"),
+        "{rep}"
+    );
+    let next = tmp.path().join("next");
+    convert(&fixture("llava_next"), &next, &[]);
+    let (code, _, err) = run(&[
+        "verify",
+        "--mlx-path",
+        s(&next),
+        "--reference",
+        s(&golden("llava_next")),
+        "--image",
+        s(&photo),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("synthetic.png") && err.contains("photo.jpg"),
+        "{err}"
+    );
+    // The right name but another image (tall: other tiles): the token ids give it away.
+    let renamed = tmp.path().join("synthetic.png");
+    vlm_convert::verify::image::RgbImage::new(40, 110, vec![90; 40 * 110 * 3])
+        .unwrap()
+        .save_png(&renamed)
+        .unwrap();
+    let (code, _, err) = run(&[
+        "verify",
+        "--mlx-path",
+        s(&next),
+        "--reference",
+        s(&golden("llava_next")),
+        "--image",
+        s(&renamed),
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("other token ids"), "{err}");
+
     let mut args = vec!["verify"];
     args.extend(base);
     let (code, stdout, err) = run(&args);

@@ -128,12 +128,8 @@ fn preprocess_and_ids(arch: &str) {
             want_ids.len(),
             prompt.ids.iter().filter(|&&i| i == image_token(&cfg)).count()
         );
-        // The synthetic image is exact. On other shapes the shared Pillow resize
-        // (`verify::image::resize`) picks its two passes in a fixed order, where the installed Pillow
-        // 13.0.0 sometimes runs the vertical pass first: some pixels then differ by one or two 8-bit
-        // levels (2 / 255 / std = 0.0285 at most).
-        let limit = if name == "synthetic" { 0.0 } else { 0.031 };
-        assert!(d <= limit, "{arch} {name}: pixel values differ by {d}");
+        // Exact on every shape: `verify::image::resize` orders its two passes as Pillow 13 does.
+        assert_eq!(d, 0.0, "{arch} {name}: pixel values differ by {d}");
         assert_eq!(prompt.ids, want_ids, "{arch} {name}: prompt ids");
     }
 }

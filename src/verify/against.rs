@@ -27,7 +27,7 @@ use crate::source::Source;
 
 use super::multimodal::Vision;
 use super::text::TextModel;
-use super::weights::{weight_files, QuantConfig, Store};
+use super::weights::{read_config, weight_files, QuantConfig, Store};
 use super::{Precision, Result, VerifyError};
 
 /// What the converted directory stores: shapes and dtypes by name, and its quantization settings.
@@ -42,14 +42,11 @@ pub(crate) struct StoredLayout {
 
 impl StoredLayout {
     pub(crate) fn open(dir: &Path) -> Result<StoredLayout> {
-        let path = dir.join("config.json");
-        let text = std::fs::read(&path).map_err(|e| crate::Error::read(&path, e))?;
-        let config: Value = serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-            path: path.clone(),
-            msg: format!("invalid JSON: {e}"),
+        let config = read_config(dir)?;
+        let quant = QuantConfig::from_config(&config).map_err(|msg| VerifyError::Config {
+            path: dir.join("config.json"),
+            msg,
         })?;
-        let quant =
-            QuantConfig::from_config(&config).map_err(|msg| VerifyError::Config { path, msg })?;
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
         for f in weight_files(dir)? {

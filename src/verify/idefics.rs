@@ -28,7 +28,7 @@ use crate::mlx::{fast, Array, Dtype};
 use super::image::{processor_config, resize, ImageProcessor, Resample, RgbImage};
 use super::text::{EmbedInput, TextModel};
 use super::vision::merge_image_features;
-use super::weights::{Linear, Store};
+use super::weights::{read_json, Linear, Store};
 use super::{Result, VerifyError};
 
 /// transformers' `MAX_IMAGE_SIZE`: no side grows beyond this after the first resize.
@@ -140,11 +140,7 @@ impl IdeficsImageProcessor {
         let (path, value) = processor_config(dir)?;
         let proc_path = dir.join("processor_config.json");
         let seq = if proc_path.exists() {
-            let text = std::fs::read(&proc_path).map_err(|e| crate::Error::read(&proc_path, e))?;
-            let v: Value = serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-                path: proc_path.clone(),
-                msg: format!("invalid JSON: {e}"),
-            })?;
+            let v = read_json(&proc_path)?;
             match v.get("image_seq_len").filter(|x| !x.is_null()) {
                 None => None,
                 Some(x) => {
@@ -366,12 +362,7 @@ impl IdeficsTokens {
     pub fn from_dir(dir: &Path, image: String) -> Result<IdeficsTokens> {
         let path = dir.join("tokenizer_config.json");
         let extra = if path.exists() {
-            let text = std::fs::read(&path).map_err(|e| crate::Error::read(&path, e))?;
-            let v: Value = serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-                path: path.clone(),
-                msg: format!("invalid JSON: {e}"),
-            })?;
-            v.get("extra_special_tokens").cloned()
+            read_json(&path)?.get("extra_special_tokens").cloned()
         } else {
             None
         };

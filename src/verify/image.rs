@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::weights::read_json;
 use super::{Result, VerifyError};
 
 /// An 8-bit RGB image, row-major `height x width x 3`.
@@ -659,14 +660,6 @@ impl ImageProcessor {
             data,
         })
     }
-}
-
-fn read_json(path: &PathBuf) -> Result<Value> {
-    let text = std::fs::read(path).map_err(|e| crate::Error::read(path, e))?;
-    serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-        path: path.clone(),
-        msg: format!("invalid JSON: {e}"),
-    })
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ use super::qwen_image::QwenImageProcessor;
 use super::qwen_vision::{QwenVision, QwenVisionConfig, QwenVisionKind};
 use super::text::{EmbedInput, TextModel};
 use super::vision::VisionModel;
-use super::weights::Store;
+use super::weights::{read_config, Store};
 use super::{Precision, Result, VerifyError};
 
 /// Top-level `model_type`s whose image path is implemented.
@@ -118,15 +118,6 @@ fn model_type(config: &Value) -> &str {
         .get("model_type")
         .and_then(Value::as_str)
         .unwrap_or_default()
-}
-
-fn read_config(dir: &Path) -> Result<Value> {
-    let path = dir.join("config.json");
-    let text = std::fs::read(&path).map_err(|e| crate::Error::read(&path, e))?;
-    serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-        path,
-        msg: format!("invalid JSON: {e}"),
-    })
 }
 
 impl Vision {

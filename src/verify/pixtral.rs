@@ -35,7 +35,7 @@ use super::image::{processor_config, ImageProcessor, PixelValues, ResizePolicy, 
 use super::rope::{inv_freq, mlx_cos, mlx_sin};
 use super::text::{EmbedInput, TextModel};
 use super::vision::merge_image_features;
-use super::weights::{Linear, Store};
+use super::weights::{read_json_or_null, Linear, Store};
 use super::{Result, VerifyError};
 
 /// transformers' `PixtralProcessor` defaults when neither processor_config.json nor config.json
@@ -93,15 +93,7 @@ impl PixtralImageProcessor {
     pub fn from_dir(dir: &Path, config: &Value) -> Result<PixtralImageProcessor> {
         let (path, value) = processor_config(dir)?;
         let proc_path = dir.join("processor_config.json");
-        let proc = if proc_path.exists() {
-            let text = std::fs::read(&proc_path).map_err(|e| crate::Error::read(&proc_path, e))?;
-            serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-                path: proc_path.clone(),
-                msg: format!("invalid JSON: {e}"),
-            })?
-        } else {
-            Value::Null
-        };
+        let proc = read_json_or_null(&proc_path)?;
         let uint = |v: Option<&Value>, what: &str, file: &Path| -> Result<Option<usize>> {
             match v.filter(|x| !x.is_null()) {
                 None => Ok(None),

@@ -26,6 +26,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use super::weights::{read_json, read_json_or_null};
 use super::{Result, VerifyError};
 
 /// Where the image goes in the prompt text, per architecture.
@@ -60,14 +61,6 @@ pub struct PromptBuilder {
     /// `bos_token`, `eos_token`, ... as the template sees them.
     special: serde_json::Map<String, Value>,
     placeholder: ImagePlaceholder,
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read(path).map_err(|e| crate::Error::read(path, e))?;
-    serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-        path: path.to_path_buf(),
-        msg: format!("invalid JSON: {e}"),
-    })
 }
 
 /// A special token's text: a string, or an AddedToken object's `content`.
@@ -153,11 +146,7 @@ impl PromptBuilder {
             )));
         }
         let tc_path = dir.join("tokenizer_config.json");
-        let tok_config = if tc_path.exists() {
-            read_json(&tc_path)?
-        } else {
-            Value::Null
-        };
+        let tok_config = read_json_or_null(&tc_path)?;
         let mut tok_json = read_json(&tok_path)?;
         let class = tok_config
             .get("tokenizer_class")
@@ -175,11 +164,7 @@ impl PromptBuilder {
             })?;
         let mut special = serde_json::Map::new();
         let stm = dir.join("special_tokens_map.json");
-        let stm = if stm.exists() {
-            read_json(&stm)?
-        } else {
-            Value::Null
-        };
+        let stm = read_json_or_null(&stm)?;
         for key in ["bos_token", "eos_token", "unk_token", "pad_token"] {
             if let Some(t) = tok_config
                 .get(key)
@@ -225,11 +210,7 @@ impl PromptBuilder {
                 // transformers' PixtralProcessor reads the break and end tokens from
                 // processor_config.json (its defaults otherwise).
                 let pc = dir.join("processor_config.json");
-                let pc = if pc.exists() {
-                    read_json(&pc)?
-                } else {
-                    Value::Null
-                };
+                let pc = read_json_or_null(&pc)?;
                 let named = |key: &str, default: &str| -> Result<String> {
                     let t = pc
                         .get(key)

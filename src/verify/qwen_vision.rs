@@ -31,7 +31,7 @@ use crate::mlx::{self, Array, Dtype};
 use super::rope::{inv_freq, mlx_cos, mlx_sin, mrope_image_positions, ImageTokenIds};
 use super::text::{Deepstack, EmbedInput, TextModel};
 use super::vision::merge_image_features;
-use super::weights::{Embedding, Linear, Store};
+use super::weights::{read_config, Embedding, Linear, Store};
 use super::{Precision, Result, VerifyError};
 
 /// Which Qwen vision transformer.
@@ -322,15 +322,6 @@ pub struct QwenVision {
     blocks: Vec<Block>,
     merger: Merger,
     deepstack: Vec<Merger>,
-}
-
-fn read_config(dir: &Path) -> Result<Value> {
-    let path = dir.join("config.json");
-    let text = std::fs::read(&path).map_err(|e| crate::Error::read(&path, e))?;
-    serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-        path,
-        msg: format!("invalid JSON: {e}"),
-    })
 }
 
 impl QwenVision {

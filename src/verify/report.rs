@@ -515,9 +515,22 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                     IMAGE_ARCHS.join(", ")
                 ))
             })?;
+            let usable_pixels = !img.pixel_values.is_empty() && !vision.tiled();
+            if usable_pixels && matches!(opts.image, ImageChoice::File(_)) {
+                notes.push("--image ignored: the reference file's pixel values are used".into());
+            }
             match &opts.image {
                 // The image itself: our preprocessing, the reference's texts; the ids must agree.
-                ImageChoice::File(file) => {
+                ImageChoice::File(file) if !usable_pixels => {
+                    let name = file.file_name().map(|n| n.to_string_lossy().into_owned());
+                    if name.as_deref() != Some(img.name.as_str()) {
+                        return Err(VerifyError::BadInput(format!(
+                            "{} was made with the image `{}`, not {}: pass that image with --image",
+                            path.display(),
+                            img.name,
+                            file.display()
+                        )));
+                    }
                     let rgb = RgbImage::open(file)?;
                     let mut out = Vec::with_capacity(r.prompts.len());
                     for (i, p) in r.prompts.iter().enumerate() {
@@ -550,7 +563,7 @@ pub fn verify(opts: &VerifyOptions) -> Result<Report> {
                     }
                     out
                 }
-                _ if img.pixel_values.is_empty() || vision.tiled() => {
+                _ if !usable_pixels => {
                     let why = if img.pixel_values.is_empty() {
                         "not its pixel values"
                     } else {

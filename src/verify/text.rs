@@ -10,7 +10,7 @@ use crate::recipe::Recipe;
 
 use super::config::{self, ActKind, ArchSpec, EmbedScale, LayerSpec, RopeKind, TextConfig};
 use super::rope::{mrope_cos_sin, mrope_text_positions};
-use super::weights::{Embedding, Linear, Store};
+use super::weights::{read_config, Embedding, Linear, Store};
 use super::{Precision, Result, VerifyError};
 
 struct Attention {
@@ -135,15 +135,6 @@ fn detect_prefix<'a>(names: impl Iterator<Item = &'a String>) -> Option<String> 
     found.sort();
     found.dedup();
     (found.len() == 1).then(|| found.remove(0))
-}
-
-fn read_config(dir: &Path) -> Result<Value> {
-    let path = dir.join("config.json");
-    let text = std::fs::read(&path).map_err(|e| crate::Error::read(&path, e))?;
-    serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-        path,
-        msg: format!("invalid JSON: {e}"),
-    })
 }
 
 impl TextModel {

@@ -26,7 +26,7 @@ use serde_json::Value;
 use crate::mlx::{self, fast, Array, Dtype};
 
 use super::image::PixelValues;
-use super::weights::{Linear, Store};
+use super::weights::{read_config, Linear, Store};
 use super::{Precision, Result, VerifyError};
 
 /// The vision architectures [`VisionModel`] runs, by top-level `model_type`.
@@ -146,12 +146,7 @@ impl VisionModel {
 
     /// Loads the vision tower and projector of the converted directory `dir`.
     pub fn load(dir: &Path, precision: Precision) -> Result<VisionModel> {
-        let path = dir.join("config.json");
-        let text = std::fs::read(&path).map_err(|e| crate::Error::read(&path, e))?;
-        let config: Value = serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
-            path: path.clone(),
-            msg: format!("invalid JSON: {e}"),
-        })?;
+        let config = read_config(dir)?;
         let store = Store::open_roots(
             dir,
             &config,

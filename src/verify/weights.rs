@@ -11,6 +11,29 @@ use crate::shard::SafetensorsFile;
 
 use super::{Precision, Result, VerifyError};
 
+/// A JSON file of a checkpoint, parsed.
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read(path).map_err(|e| crate::Error::read(path, e))?;
+    serde_json::from_slice(&text).map_err(|e| VerifyError::Config {
+        path: path.to_path_buf(),
+        msg: format!("invalid JSON: {e}"),
+    })
+}
+
+/// [`read_json`] of an optional file: `Value::Null` when it does not exist.
+pub(crate) fn read_json_or_null(path: &Path) -> Result<Value> {
+    if path.exists() {
+        read_json(path)
+    } else {
+        Ok(Value::Null)
+    }
+}
+
+/// `dir/config.json`, parsed.
+pub(crate) fn read_config(dir: &Path) -> Result<Value> {
+    read_json(&dir.join("config.json"))
+}
+
 /// The safetensors files of a converted directory: those the index names, else every `*.safetensors`.
 pub(crate) fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
