@@ -183,6 +183,50 @@ fn reshape_patch_embedding(out: &Path) -> String {
     name
 }
 
+/// Vision bug: the projector's first 2-D weight (LLaVA/PaliGemma/Mistral 3 projector, Gemma 3's
+/// input projection, Idefics3's connector, the Qwen merger) written in the transposed element order
+/// under its own shape: a projector left in the wrong orientation that still loads. Returns its name.
+fn misorient_projector(out: &Path) -> String {
+    let mut names: Vec<(String, Vec<usize>, String)> = Vec::new();
+    for e in std::fs::read_dir(out).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "safetensors") {
+            let f = SafetensorsFile::open(&p).unwrap();
+            for (n, i) in &f.tensors {
+                names.push((n.clone(), i.shape.clone(), i.dtype.as_str().to_string()));
+            }
+        }
+    }
+    names.sort();
+    let (name, _, dtype) = names
+        .into_iter()
+        .find(|(n, s, _)| {
+            s.len() == 2
+                && (n.starts_with("multi_modal_projector.")
+                    || n.starts_with("connector.")
+                    || n.starts_with("vision_tower.merger."))
+                && (n.ends_with(".weight") || n.ends_with("_weight"))
+        })
+        .expect("a projector weight");
+    assert!(dtype != "U32", "{name} is quantized");
+    let target = name.clone();
+    edit_tensors(out, &move |n, dtype, s, bytes, _| {
+        if n != target {
+            return;
+        }
+        let es = if dtype == "F32" { 4 } else { 2 };
+        let (r, c) = (s[0], s[1]);
+        let src = bytes.clone();
+        for i in 0..r {
+            for j in 0..c {
+                let (from, to) = ((i * c + j) * es, (j * r + i) * es);
+                bytes[to..to + es].copy_from_slice(&src[from..from + es]);
+            }
+        }
+    });
+    name
+}
+
 /// Bug 2: the source's layer-0 attention output projection transposed (square, so it still loads):
 /// what a converter that forgets a layout change writes.
 fn transpose_o_proj(src: &Path) {
@@ -573,6 +617,18 @@ fn planted_bugs_fail(arch: &str) {
             );
             assert_eq!(differing(&rep), vec![name], "{arch}");
         }
+
+        // 7. The projector in the wrong orientation (bf16: a quantized projector packs its weight).
+        let out = fresh("projector-misoriented", &[]);
+        let name = misorient_projector(&out);
+        let rep = check("projector-misoriented", &out, &src);
+        let ps = rep["structure"]["prompts"].as_array().unwrap();
+        assert!(
+            ps.iter()
+                .all(|p| (p["passed"] == true) == p["image"].is_null()),
+            "{arch}: only the image prompt may fail: {rep}"
+        );
+        assert_eq!(differing(&rep), vec![name], "{arch}");
     }
 
     // 3. Zeroed scales (quantized only).
