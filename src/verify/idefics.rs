@@ -23,11 +23,13 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::mlx::{fast, Array, Dtype};
+use crate::mlx::{Array, Dtype};
 
-use super::image::{processor_config, resize, ImageProcessor, Resample, RgbImage};
+use super::image::{channel_triple, processor_config, resize, ImageProcessor, Resample, RgbImage};
 use super::text::{EmbedInput, TextModel};
-use super::vision::merge_image_features;
+use super::vision::{
+    load_encoder, merge_image_features, run_encoder, Act, EncoderLayer, LayerNorm,
+};
 use super::weights::{read_json, Linear, Store};
 use super::{Result, VerifyError};
 
@@ -248,24 +250,8 @@ impl IdeficsImageProcessor {
         } else {
             None
         };
-        let triple = |key: &str| -> Result<[f32; 3]> {
-            match get(key) {
-                // transformers' IMAGENET_STANDARD_MEAN / _STD.
-                None => Ok([0.5; 3]),
-                Some(Value::Number(n)) => Ok([n.as_f64().unwrap_or(0.0) as f32; 3]),
-                Some(Value::Array(a)) if a.len() == 3 => {
-                    let mut out = [0f32; 3];
-                    for (o, x) in out.iter_mut().zip(a) {
-                        *o = x
-                            .as_f64()
-                            .ok_or_else(|| err(format!("`{key}` holds a non-number")))?
-                            as f32;
-                    }
-                    Ok(out)
-                }
-                Some(x) => Err(err(format!("`{key}` is {x}, expected 3 numbers"))),
-            }
-        };
+        // Absent: transformers' IMAGENET_STANDARD_MEAN / _STD.
+        let triple = |key: &str| channel_triple(get(key), key, [0.5; 3]).map_err(err);
         let normalize = if flag("do_normalize")? {
             let (mean, std) = (triple("image_mean")?, triple("image_std")?);
             if std.contains(&0.0) {
@@ -435,42 +421,6 @@ pub fn position_ids(side: usize, nb_h: usize, nb_w: usize) -> Result<Vec<i32>> {
     Ok(ids)
 }
 
-struct LayerNorm {
-    w: Array,
-    b: Option<Array>,
-    eps: f32,
-}
-
-impl LayerNorm {
-    fn load(store: &Store, module: &str, eps: f32) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            w: store.float(&format!("{module}.weight"))?,
-            b: store.float_opt(&format!("{module}.bias"))?,
-            eps,
-        })
-    }
-
-    fn forward(&self, x: &Array) -> Result<Array> {
-        Ok(fast::layer_norm(
-            x,
-            Some(&self.w),
-            self.b.as_ref(),
-            self.eps,
-        )?)
-    }
-}
-
-struct EncoderLayer {
-    norm1: LayerNorm,
-    norm2: LayerNorm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    fc1: Linear,
-    fc2: Linear,
-}
-
 /// The vision side of an Idefics3 / SmolVLM model: `vision_model.*` and `connector.*`.
 ///
 /// Not `Send` (MLX arrays).
@@ -548,23 +498,7 @@ impl IdeficsVision {
             .get("layer_norm_eps")
             .and_then(Value::as_f64)
             .unwrap_or(1e-6) as f32;
-        let mut layers = Vec::new();
-        while store.has(&format!(
-            "{p}encoder.layers.{}.layer_norm1.weight",
-            layers.len()
-        )) {
-            let l = format!("{p}encoder.layers.{}.", layers.len());
-            layers.push(EncoderLayer {
-                norm1: LayerNorm::load(store, &format!("{l}layer_norm1"), eps)?,
-                norm2: LayerNorm::load(store, &format!("{l}layer_norm2"), eps)?,
-                q: store.linear(&format!("{l}self_attn.q_proj"))?,
-                k: store.linear(&format!("{l}self_attn.k_proj"))?,
-                v: store.linear(&format!("{l}self_attn.v_proj"))?,
-                o: store.linear(&format!("{l}self_attn.out_proj"))?,
-                fc1: store.linear(&format!("{l}mlp.fc1"))?,
-                fc2: store.linear(&format!("{l}mlp.fc2"))?,
-            });
-        }
+        let layers = load_encoder(store, p, eps)?;
         if layers.is_empty() {
             return Err(werr(format!("no `{p}encoder.layers.0.*` tensors")));
         }
@@ -670,24 +604,8 @@ impl IdeficsVision {
         x = x
             .add(&pos.reshape(&[1, len, d])?)?
             .astype(self.patch_w.dtype()?)?;
-        let heads = self.heads as i32;
-        let hd = d / heads;
-        let scale = (hd as f32).powf(-0.5);
-        for l in &self.layers {
-            let y = l.norm1.forward(&x)?;
-            let split = |a: Array| -> Result<Array> {
-                Ok(a.reshape(&[b, len, heads, hd])?.transpose(&[0, 2, 1, 3])?)
-            };
-            let q = split(l.q.forward(&y)?)?;
-            let k = split(l.k.forward(&y)?)?;
-            let v = split(l.v.forward(&y)?)?;
-            let o = fast::scaled_dot_product_attention(&q, &k, &v, scale, fast::Mask::None)?
-                .transpose(&[0, 2, 1, 3])?
-                .reshape(&[b, len, d])?;
-            x = x.add(&l.o.forward(&o)?)?;
-            let h = l.fc1.forward(&l.norm2.forward(&x)?)?.gelu_approx()?;
-            x = x.add(&l.fc2.forward(&h)?)?;
-        }
+        // SigLIP layers: tanh-approximated GELU.
+        let x = run_encoder(&self.layers, x, self.heads, Act::GeluTanh, |_| Ok(()))?;
         self.post_norm.forward(&x)
     }
 

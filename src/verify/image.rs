@@ -344,6 +344,29 @@ fn resize_vertical(cur: &RgbImage, height: usize, filter: Resample) -> RgbImage 
         data: out,
     }
 }
+/// A processor's per-channel setting (`image_mean`, `image_std`): one number for all three channels
+/// or a list of three; `default` when absent. `Err` holds the message.
+pub(crate) fn channel_triple(
+    v: Option<&Value>,
+    key: &str,
+    default: [f32; 3],
+) -> std::result::Result<[f32; 3], String> {
+    match v {
+        None => Ok(default),
+        Some(Value::Number(n)) => Ok([n.as_f64().unwrap_or(0.0) as f32; 3]),
+        Some(Value::Array(a)) if a.len() == 3 => {
+            let mut out = [0f32; 3];
+            for (o, x) in out.iter_mut().zip(a) {
+                *o = x
+                    .as_f64()
+                    .ok_or_else(|| format!("`{key}` holds a non-number"))?
+                    as f32;
+            }
+            Ok(out)
+        }
+        Some(x) => Err(format!("`{key}` is {x}, expected a number or a list of 3")),
+    }
+}
 
 /// The image processor settings of a checkpoint directory and the file they came from:
 /// `preprocessor_config.json`, else the `image_processor` entry of `processor_config.json`.

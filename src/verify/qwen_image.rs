@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::image::{ImageProcessor, Resample, ResizePolicy, RgbImage};
+use super::image::{channel_triple, ImageProcessor, Resample, ResizePolicy, RgbImage};
 use super::{Result, VerifyError};
 
 /// transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`, the processor's defaults (its literals, rounded
@@ -168,23 +168,7 @@ impl QwenImageProcessor {
         let int_or =
             |key: &str, d: usize| -> Result<usize> { get(key).map_or(Ok(d), |x| uint(x, key)) };
         let flag = |key: &str| get(key).and_then(Value::as_bool).unwrap_or(true);
-        let triple = |key: &str, d: [f32; 3]| -> Result<[f32; 3]> {
-            match get(key) {
-                None => Ok(d),
-                Some(Value::Number(n)) => Ok([n.as_f64().unwrap_or(0.0) as f32; 3]),
-                Some(Value::Array(a)) if a.len() == 3 => {
-                    let mut out = [0f32; 3];
-                    for (o, x) in out.iter_mut().zip(a) {
-                        *o = x
-                            .as_f64()
-                            .ok_or_else(|| err(format!("`{key}` holds a non-number")))?
-                            as f32;
-                    }
-                    Ok(out)
-                }
-                Some(_) => Err(err(format!("`{key}` is not a number or a list of 3"))),
-            }
-        };
+        let triple = |key: &str, d: [f32; 3]| channel_triple(get(key), key, d).map_err(err);
         let resample = match get("resample") {
             None => Resample::Bicubic,
             Some(x) => {

@@ -58,7 +58,7 @@ pub enum VisionArch {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Act {
+pub(crate) enum Act {
     /// `x * sigmoid(1.702 x)` (`nn.GELU(approx="fast")`, mlx-vlm's CLIP MLP).
     FastGelu,
     /// Tanh-approximated GELU (`nn.GELU(approx="precise")`, mlx-vlm's SigLIP MLP; the projector of
@@ -66,14 +66,14 @@ enum Act {
     GeluTanh,
 }
 
-struct LayerNorm {
+pub(crate) struct LayerNorm {
     w: Array,
     b: Option<Array>,
     eps: f32,
 }
 
 impl LayerNorm {
-    fn load(store: &Store, module: &str, eps: f32) -> Result<LayerNorm> {
+    pub(crate) fn load(store: &Store, module: &str, eps: f32) -> Result<LayerNorm> {
         Ok(LayerNorm {
             w: store.float(&format!("{module}.weight"))?,
             b: store.float_opt(&format!("{module}.bias"))?,
@@ -81,7 +81,7 @@ impl LayerNorm {
         })
     }
 
-    fn forward(&self, x: &Array) -> Result<Array> {
+    pub(crate) fn forward(&self, x: &Array) -> Result<Array> {
         Ok(fast::layer_norm(
             x,
             Some(&self.w),
@@ -91,7 +91,7 @@ impl LayerNorm {
     }
 }
 
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     norm1: LayerNorm,
     norm2: LayerNorm,
     q: Linear,
@@ -100,6 +100,69 @@ struct EncoderLayer {
     o: Linear,
     fc1: Linear,
     fc2: Linear,
+}
+
+/// The layers `{prefix}encoder.layers.{0,1,...}` of a CLIP/SigLIP-style encoder (LLaVA, PaliGemma,
+/// Gemma 3, LLaVA-NeXT/OneVision, Idefics3/SmolVLM), as many as are stored.
+pub(crate) fn load_encoder(store: &Store, prefix: &str, eps: f32) -> Result<Vec<EncoderLayer>> {
+    let mut layers = Vec::new();
+    while store.has(&format!(
+        "{prefix}encoder.layers.{}.layer_norm1.weight",
+        layers.len()
+    )) {
+        let l = format!("{prefix}encoder.layers.{}.", layers.len());
+        layers.push(EncoderLayer {
+            norm1: LayerNorm::load(store, &format!("{l}layer_norm1"), eps)?,
+            norm2: LayerNorm::load(store, &format!("{l}layer_norm2"), eps)?,
+            q: store.linear(&format!("{l}self_attn.q_proj"))?,
+            k: store.linear(&format!("{l}self_attn.k_proj"))?,
+            v: store.linear(&format!("{l}self_attn.v_proj"))?,
+            o: store.linear(&format!("{l}self_attn.out_proj"))?,
+            fc1: store.linear(&format!("{l}mlp.fc1"))?,
+            fc2: store.linear(&format!("{l}mlp.fc2"))?,
+        });
+    }
+    Ok(layers)
+}
+
+/// Runs `layers` on `x` (`[B, L, D]`): pre-norm attention over all positions, then the MLP with
+/// `act`; `each` sees the output of every layer.
+pub(crate) fn run_encoder(
+    layers: &[EncoderLayer],
+    mut x: Array,
+    heads: usize,
+    act: Act,
+    mut each: impl FnMut(&Array) -> Result<()>,
+) -> Result<Array> {
+    let s = x.shape()?;
+    let (b, len, d) = (s[0] as i32, s[1] as i32, s[2] as i32);
+    let heads = heads as i32;
+    let hd = d / heads;
+    let scale = (hd as f32).powf(-0.5);
+    for l in layers {
+        let y = l.norm1.forward(&x)?;
+        let split = |a: Array| -> Result<Array> {
+            Ok(a.reshape(&[b, len, heads, hd])?.transpose(&[0, 2, 1, 3])?)
+        };
+        let q = split(l.q.forward(&y)?)?;
+        let k = split(l.k.forward(&y)?)?;
+        let v = split(l.v.forward(&y)?)?;
+        let o = fast::scaled_dot_product_attention(&q, &k, &v, scale, fast::Mask::None)?
+            .transpose(&[0, 2, 1, 3])?
+            .reshape(&[b, len, d])?;
+        x = x.add(&l.o.forward(&o)?)?;
+        let h = l.fc1.forward(&l.norm2.forward(&x)?)?;
+        let h = match act {
+            Act::FastGelu => {
+                let c = Array::scalar(1.702, h.dtype()?)?;
+                h.multiply(&c.multiply(&h)?.sigmoid()?)?
+            }
+            Act::GeluTanh => h.gelu_approx()?,
+        };
+        x = x.add(&l.fc2.forward(&h)?)?;
+        each(&x)?;
+    }
+    Ok(x)
 }
 
 enum Projector {
@@ -300,23 +363,7 @@ impl VisionModel {
                 "vision hidden size {hidden} is not a multiple of {heads} heads"
             )));
         }
-        let mut layers = Vec::new();
-        while store.has(&format!(
-            "{p}encoder.layers.{}.layer_norm1.weight",
-            layers.len()
-        )) {
-            let l = format!("{p}encoder.layers.{}.", layers.len());
-            layers.push(EncoderLayer {
-                norm1: LayerNorm::load(store, &format!("{l}layer_norm1"), ln_eps)?,
-                norm2: LayerNorm::load(store, &format!("{l}layer_norm2"), ln_eps)?,
-                q: store.linear(&format!("{l}self_attn.q_proj"))?,
-                k: store.linear(&format!("{l}self_attn.k_proj"))?,
-                v: store.linear(&format!("{l}self_attn.v_proj"))?,
-                o: store.linear(&format!("{l}self_attn.out_proj"))?,
-                fc1: store.linear(&format!("{l}mlp.fc1"))?,
-                fc2: store.linear(&format!("{l}mlp.fc2"))?,
-            });
-        }
+        let layers = load_encoder(store, p, ln_eps)?;
         if layers.is_empty() {
             return Err(werr(format!("no `{p}encoder.layers.0.*` tensors")));
         }
@@ -557,33 +604,10 @@ impl VisionModel {
             x = pre.forward(&x)?;
         }
         let mut states = vec![x.try_clone()?];
-        let heads = self.heads as i32;
-        let hd = d / heads;
-        let scale = (hd as f32).powf(-0.5);
-        let len = positions as i32;
-        for l in &self.layers {
-            let y = l.norm1.forward(&x)?;
-            let split = |a: Array| -> Result<Array> {
-                Ok(a.reshape(&[b, len, heads, hd])?.transpose(&[0, 2, 1, 3])?)
-            };
-            let q = split(l.q.forward(&y)?)?;
-            let k = split(l.k.forward(&y)?)?;
-            let v = split(l.v.forward(&y)?)?;
-            let o = fast::scaled_dot_product_attention(&q, &k, &v, scale, fast::Mask::None)?
-                .transpose(&[0, 2, 1, 3])?
-                .reshape(&[b, len, d])?;
-            x = x.add(&l.o.forward(&o)?)?;
-            let h = l.fc1.forward(&l.norm2.forward(&x)?)?;
-            let h = match self.act {
-                Act::FastGelu => {
-                    let c = Array::scalar(1.702, h.dtype()?)?;
-                    h.multiply(&c.multiply(&h)?.sigmoid()?)?
-                }
-                Act::GeluTanh => h.gelu_approx()?,
-            };
-            x = x.add(&l.fc2.forward(&h)?)?;
-            states.push(x.try_clone()?);
-        }
+        run_encoder(&self.layers, x, self.heads, self.act, |h| {
+            states.push(h.try_clone()?);
+            Ok(())
+        })?;
         Ok(states)
     }
 
