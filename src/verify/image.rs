@@ -597,23 +597,11 @@ impl ImageProcessor {
         } else {
             None
         };
+        // Required here: these processors always write their mean and std.
         let triple = |key: &str| -> Result<[f32; 3]> {
             match v.get(key) {
-                Some(Value::Array(a)) if a.len() == 3 => {
-                    let mut out = [0f32; 3];
-                    for (o, x) in out.iter_mut().zip(a) {
-                        *o = x
-                            .as_f64()
-                            .ok_or_else(|| err(format!("`{key}` has a non-number")))?
-                            as f32;
-                    }
-                    Ok(out)
-                }
-                Some(x) if x.is_number() => Ok([x.as_f64().unwrap_or(0.0) as f32; 3]),
-                other => Err(err(format!(
-                    "`{key}` is {}, expected 3 numbers",
-                    other.map_or("missing".to_string(), Value::to_string)
-                ))),
+                None => Err(err(format!("`{key}` is missing, expected 3 numbers"))),
+                x => channel_triple(x, key, [0.0; 3]).map_err(err),
             }
         };
         let normalize = if flag("do_normalize", true)? {
